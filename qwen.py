@@ -1,0 +1,454 @@
+"""
+A hand-written Qwen-2.5 decoder in plain PyTorch that loads and saves Hugging Face checkpoints.
+
+    model = Qwen.from_pretrained("path/to/Qwen2.5-1.5B", dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids)                                  # (B, T, vocab_size)
+    out = model.generate([[151644, 872, 198], [...]], max_new_tokens=128, eos_token_id=[151645])
+
+Parameter names equal transformers' Qwen2ForCausalLM (model.layers.0.self_attn.q_proj.weight, ...),
+so checkpoints load with strict=True and no renaming. Read bottom-up: norm -> rope -> attention ->
+MLP -> block -> model -> generation -> loading/saving.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class QwenConfig:
+    # field names are exactly those of HF's config.json for model_type "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 151643
+    eos_token_id: int | list = 151643
+    torch_dtype: str = "bfloat16"
+    extra: dict = field(default_factory=dict, repr=False)  # unused HF keys, written back on save
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        # Refuse what this model does not implement rather than silently computing something else.
+        if d.get("model_type", "qwen2") != "qwen2":
+            raise ValueError(f"{source}: model_type={d['model_type']!r}; only 'qwen2' (Qwen-2/2.5) is implemented")
+        rs = d.get("rope_scaling") or d.get("rope_parameters")
+        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
+            raise ValueError(f"{source}: rope_scaling={rs!r} is not implemented (only default RoPE)")
+        if d.get("use_sliding_window", False) or "sliding_attention" in (d.get("layer_types") or []):
+            raise ValueError(f"{source}: use_sliding_window=true is not implemented (Qwen2.5 ships it off)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act={d['hidden_act']!r}; only 'silu' is implemented")
+        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+            raise ValueError(f"{source}: head_dim={d['head_dim']} != hidden_size/num_attention_heads")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing key(s) {missing}")
+        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        if rs and "rope_theta" in rs:  # transformers >= 5 nests rope_theta in rope_parameters
+            kw["rope_theta"] = rs["rope_theta"]
+        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names})
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(f"{source}: num_attention_heads={cfg.num_attention_heads} must divide hidden_size"
+                             f"={cfg.hidden_size} and be a multiple of num_key_value_heads={cfg.num_key_value_heads}")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=path)
+
+    def to_dict(self):
+        # rope_theta is written at the top level (the form of the official Qwen2.5 configs), which
+        # transformers 4.x and 5.x both read
+        skip = ("rope_scaling", "rope_parameters", "transformers_version")
+        d = {k: v for k, v in self.extra.items() if k not in skip}
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+                 use_sliding_window=False, attention_dropout=0.0)
+        return d
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32 whatever the model dtype; cast back before the weight, as HF does
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    # Qwen uses rotate_half RoPE: frequencies repeated over both halves, cos/sin computed in fp32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, head_dim)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # static KV cache: write this step's keys/values, attend over the filled prefix
+            k_cache, v_cache = cache
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+        # mask None means plain causal attention (no padding on the left), which lets SDPA pick flash kernels
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenModel(nn.Module):
+    # the trunk; named "model" inside Qwen so that parameter names equal HF's
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask_4d(attention_mask):
+    """(B, T) padding mask (1 = real token) -> (B, 1, T, T) boolean causal SDPA mask. Every query also
+    sees itself, so a left-pad row is never fully masked (SDPA would return NaN there); pad
+    positions' outputs are never used."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal & attention_mask.bool()[:, None, None, :]
+    return mask | torch.eye(T, dtype=torch.bool, device=mask.device)
+
+
+def position_ids_from_mask(attention_mask):
+    # left padding shifts each row's positions so its first real token has position 0 (as HF generate)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Qwen(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = QwenModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """Final-norm hidden states (B, T, hidden_size), without the lm_head. attention_mask (B, T) with
+        1 for real tokens; None means no padding (or right padding only, whose outputs are ignored)."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask_4d(attention_mask)
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, return_hidden=False):
+        h = self.hidden_states(input_ids, attention_mask, position_ids)
+        # return_hidden: the distillation loss projects hidden states itself, in chunks
+        return h if return_hidden else self.lm_head(h)  # (B, T, hidden_size) or (B, T, vocab_size)
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eos_token_id, vocab_limit=None, temperature=0.0,
+                 top_p=1.0, top_k=0, seed=0, pad_token_id=0):
+        """Batched generation with a static KV cache. prompts: list of token-id lists (any lengths,
+        left-padded internally). Greedy when temperature == 0, else temperature / top-k / top-p
+        sampling from a torch.Generator seeded with `seed`. Stops a row at any id in eos_token_id.
+        Ids >= vocab_limit (Qwen's padded embedding rows, beyond the tokenizer) are never emitted.
+        Returns one list per prompt of the new ids, including the eos id when one was emitted."""
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        V = vocab_limit or self.config.vocab_size
+        dev = self.lm_head.weight.device
+        dtype = self.lm_head.weight.dtype
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        L = P + max_new_tokens
+        ids = torch.full((B, P), pad_token_id, dtype=torch.long)
+        key_mask = torch.zeros(B, L, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            key_mask[i, P - len(p):P] = True
+        ids, key_mask, eos = ids.to(dev), key_mask.to(dev), eos.to(dev)
+        cfg = self.config
+        caches = [(torch.empty(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype),
+                   torch.empty(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype))
+                  for _ in self.model.layers]
+        gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
+
+        pos_ids = position_ids_from_mask(key_mask[:, :P])
+        mask = attention_mask_4d(key_mask[:, :P]) if not bool(key_mask[:, :P].all()) else None
+        x, pos = ids, 0
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        n = 0
+        for n in range(max_new_tokens):
+            h = self.model.embed_tokens(x)
+            cos, sin = rope_cos_sin(pos_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+            for block, cache in zip(self.model.layers, caches):
+                h = block(h, cos, sin, mask, cache, pos)
+            # only the last position's logits are needed; slice the lm_head to the real vocabulary
+            logits = F.linear(self.model.norm(h[:, -1]), self.lm_head.weight[:V]).float()  # (B, V)
+            nxt = sample(logits, temperature, top_p, top_k, gen)
+            nxt = torch.where(done, pad_token_id, nxt)
+            out[:, n] = nxt
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            pos += x.shape[1]
+            key_mask[:, pos] = True
+            mask = key_mask[:, None, None, :pos + 1]  # (B, 1, 1, pos+1): each new token sees all real keys
+            pos_ids = pos_ids[:, -1:] + 1
+            x = nxt[:, None]
+        # cut each row after its first eos (later slots hold pad ids)
+        eos_ids = set(eos.tolist())
+        result = []
+        for row in out[:, :n + 1].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+            result.append(row[:end])
+        return result
+
+
+def sample(logits, temperature, top_p, top_k, generator):
+    # logits (B, V) fp32 -> next ids (B,)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of tokens whose probability reaches top_p (the top one always)
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+# -----------------------------------------------------------------------------
+# loading and saving HF checkpoints
+
+
+def _checkpoint_files(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{index} lists shard {name}, which is missing from {path}")
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    return [single]
+
+
+def from_pretrained(path, dtype=torch.float32, device="cpu"):
+    files = _checkpoint_files(path)
+    cfg = QwenConfig.from_json(os.path.join(path, "config.json"))
+    # build on the meta device: no memory and no random init for weights that are about to arrive
+    with torch.device("meta"):
+        model = Qwen(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # tied checkpoints (HF's default when tied) have no lm_head.weight
+    sd, origin = {}, {}
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key not in expected:
+                    if cfg.tie_word_embeddings and key == "lm_head.weight":
+                        continue  # some tied checkpoints store the shared matrix twice
+                    raise KeyError(f"{file}: unexpected key {key!r} for a Qwen2 model with this config.json")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key]):
+                    raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, config.json implies "
+                                     f"{tuple(expected[key])}")
+                sd[key], origin[key] = t.to(dtype), file
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise KeyError(f"{path}: checkpoint is missing {len(missing)} key(s), e.g. {missing[:3]}")
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_word_embeddings:  # assign=True replaced both Parameters; make them one again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+Qwen.from_pretrained = staticmethod(from_pretrained)
+
+
+def save_pretrained(model, path, max_shard_size=5 * 1024**3):
+    """Writes config.json + safetensors (sharded with an index above max_shard_size bytes), loadable by
+    transformers. Written into a temporary sibling directory and renamed into place, so an
+    interrupted save never leaves a half checkpoint under `path`."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    try:
+        write_pretrained(model, tmp, max_shard_size)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_pretrained(model, directory, max_shard_size=5 * 1024**3):
+    # the non-atomic part of save_pretrained: files into an existing directory
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # safetensors refuses shared storage; HF re-ties on load
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_size:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + nbytes
+    shards.append(cur)
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+Qwen.save_pretrained = save_pretrained
+
+
+def replace_dir(src, dst):
+    # rename() cannot replace a non-empty directory: move the old one aside first, then drop it
+    old = None
+    if os.path.exists(dst):
+        old = dst + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def init_weights(model, std=0.02, seed=0):
+    # HF's Qwen2 init: normal(0, initializer_range) for linear and embedding weights, zero biases
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def num_parameters(model):
+    # unique parameters: a tied lm_head counts once, as in HF's num_parameters()
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,887 @@
+"""
+deltakd's claims, each against an independent oracle: transformers for the model, rouge-score and
+NLTK for ROUGE, jinja2 for the chat template, dense references written here for every loss.
+
+    python -m pytest -q test_deltakd.py
+"""
+
+import collections
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+import data
+import deltakd
+import qwen
+import rouge
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.path.join(HERE, "assets")
+TOKENIZER = os.path.join(ASSETS, "qwen2.5", "tokenizer.json")
+ULTRACHAT = os.path.join(ASSETS, "data", "ultrachat_200k", "ultrachat_small.jsonl")
+OMR = os.path.join(ASSETS, "data", "openmathreasoning", "cot-00000-of-00144_filtered.jsonl")
+GSM8K = os.path.join(ASSETS, "data", "gsm8k", "test.jsonl")
+
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_file(TOKENIZER)
+
+
+def hf_model(tmp_path, name, tie, n_head, n_kv, vocab=300, shard=None, seed=0, hidden_per_head=8, layers=2):
+    """A random transformers Qwen2ForCausalLM saved by transformers itself; returns (hf_model, dir)."""
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=n_head * hidden_per_head, intermediate_size=72,
+                                   num_hidden_layers=layers, num_attention_heads=n_head, num_key_value_heads=n_kv,
+                                   tie_word_embeddings=tie, max_position_embeddings=128, rope_theta=10000.0)
+    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF zero-inits biases; random ones make the q/k/v bias path count
+        for layer in m.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+            layer.input_layernorm.weight.normal_(1, 0.2)
+    path = str(tmp_path / name)
+    m.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return m, path
+
+# -----------------------------------------------------------------------------
+# qwen.py
+
+
+CONFIGS = [  # (tied, n_head, n_kv_head, shard): query/kv head ratios 1, 2 and 7, one sharded
+    (True, 4, 4, None), (False, 4, 2, None), (False, 7, 1, "20KB")]
+
+
+@pytest.mark.parametrize("tie,n_head,n_kv,shard", CONFIGS)
+def test_logits_equal_transformers_on_its_own_checkpoints(tmp_path, tie, n_head, n_kv, shard):
+    ref, path = hf_model(tmp_path, "m", tie, n_head, n_kv, shard=shard)
+    if shard:
+        assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    model = qwen.Qwen.from_pretrained(path).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    x = torch.randint(0, 300, (3, 23))
+    with torch.no_grad():
+        diff = (model(x) - ref(x).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_padded_batches_equal_transformers(tmp_path):
+    ref, path = hf_model(tmp_path, "m", False, 4, 2)
+    model = qwen.Qwen.from_pretrained(path).eval()
+    x = torch.randint(0, 300, (3, 12))
+    left = torch.ones(3, 12, dtype=torch.long)
+    left[0, :5], left[2, :1] = 0, 0
+    right = left.flip(1)
+    with torch.no_grad():
+        for mask in (left, right):
+            pos = qwen.position_ids_from_mask(mask)
+            ours = model(x, attention_mask=mask)
+            theirs = ref(x, attention_mask=mask, position_ids=pos).logits
+            real = mask.bool()
+            assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+
+
+def test_hidden_states_times_lm_head_are_the_logits(tmp_path):
+    _, path = hf_model(tmp_path, "m", False, 4, 2)
+    model = qwen.Qwen.from_pretrained(path).eval()
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model.lm_head(model(x, return_hidden=True)), model(x))
+
+
+@pytest.mark.parametrize("tie,shard", [(True, 5 * 1024**3), (False, 30_000)])
+def test_save_pretrained_loads_in_transformers_with_equal_logits(tmp_path, tie, shard):
+    _, path = hf_model(tmp_path, "m", tie, 4, 2)
+    model = qwen.Qwen.from_pretrained(path).eval()
+    out = str(tmp_path / "saved")
+    model.save_pretrained(out, max_shard_size=shard)
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json")) == (shard < 1e6)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 300, (2, 15))
+    with torch.no_grad():
+        assert (again(x).logits - model(x)).abs().max().item() <= 1e-5
+    reloaded = qwen.Qwen.from_pretrained(out)
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tie
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, path = hf_model(tmp_path, "m", True, 4, 2)
+    model = qwen.Qwen.from_pretrained(path)
+    out = str(tmp_path / "ckpt")
+    model.save_pretrained(out)
+    before = open(os.path.join(out, "model.safetensors"), "rb").read()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(qwen, "save_file", crash)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(out)
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "m"]  # no temporary directory left behind
+
+
+def test_greedy_generation_equals_transformers_on_left_padded_batch(tmp_path):
+    ref, path = hf_model(tmp_path, "m", False, 4, 2, seed=3)
+    model = qwen.Qwen.from_pretrained(path).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [1, 2, 3, 4], [200]]
+    P = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    # eos ids: tokens this random model emits early in some rows, so stopping is exercised
+    free = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    eos = [free[0, P + 3].item(), free[2, P + 5].item()]
+    theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)[:, P:].tolist()
+    ours = model.generate(prompts, 24, eos_token_id=eos)
+    for o, t in zip(ours, theirs):
+        end = next((i + 1 for i, tok in enumerate(t) if tok in eos), len(t))
+        assert o == t[:end]
+    assert any(len(o) < 24 for o in ours)
+
+
+def test_sampling_is_seeded_and_never_emits_padded_vocab_rows(tmp_path):
+    _, path = hf_model(tmp_path, "m", False, 4, 2)
+    model = qwen.Qwen.from_pretrained(path).eval()
+    with torch.no_grad():
+        # rows beyond the "tokenizer" are 20x copies of real rows: they win wherever a logit is positive
+        model.lm_head.weight[250:] = 20 * model.lm_head.weight[:50]
+    prompts = [[1, 2, 3], [4, 5]]
+    a = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250, temperature=1.0, top_p=0.9, seed=7)
+    b = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250, temperature=1.0, top_p=0.9, seed=7)
+    c = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250, temperature=1.0, top_p=0.9, seed=8)
+    g = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250)
+    assert a == b and a != c
+    assert max(max(r) for r in a + c + g) < 250
+    assert max(max(r) for r in model.generate(prompts, 4, eos_token_id=[299])) >= 250  # the limit did the work
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {qwen.sample(logits, 1.0, 0.75, 0, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are cut
+    seen = {qwen.sample(logits, 1.0, 1.0, 2, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {0, 1}  # top_k=2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    _, path = hf_model(tmp_path, "m", True, 4, 2)
+    x = torch.randint(0, 300, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        model = qwen.Qwen.from_pretrained(path).train()
+        model.gradient_checkpointing = ckpt
+        model(x).float().square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("name,count", [("Qwen2.5-0.5B", 494_032_768), ("Qwen2.5-1.5B", 1_543_714_304),
+                                        ("Qwen2.5-7B", 7_615_616_512), ("Qwen2.5-7B-Instruct", 7_615_616_512)])
+def test_real_configs_build_on_meta_with_exact_parameter_counts(name, count):
+    cfg = qwen.QwenConfig.from_json(os.path.join(ASSETS, "qwen2.5", name, "config.json"))
+    with torch.device("meta"):
+        model = qwen.Qwen(cfg)
+    assert qwen.num_parameters(model) == count
+
+
+def test_real_tokenizer_has_chatml_ids(tokenizer):
+    assert tokenizer.get_vocab_size() == 151665
+    ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False).ids
+    assert ids[0] == 151644 and ids[-1] == 151645
+    assert tokenizer.token_to_id("<|endoftext|>") == 151643
+
+
+def test_bad_checkpoints_are_refused_naming_file_and_key(tmp_path):
+    _, path = hf_model(tmp_path, "m", False, 4, 2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qwen.Qwen.from_pretrained(str(tmp_path / "nope"))
+    _, sharded = hf_model(tmp_path, "s", False, 4, 2, shard="20KB")
+    index = json.load(open(os.path.join(sharded, "model.safetensors.index.json")))
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    os.remove(os.path.join(sharded, shard))
+    with pytest.raises(FileNotFoundError, match=shard):
+        qwen.Qwen.from_pretrained(sharded)
+
+    from safetensors.torch import load_file, save_file
+    sd = load_file(os.path.join(path, "model.safetensors"))
+
+    def variant(name, change, cfg_change=None):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        if cfg_change:
+            cfg.update(cfg_change)
+        json.dump(cfg, open(d / "config.json", "w"))
+        s = dict(sd)
+        change(s)
+        save_file(s, str(d / "model.safetensors"))
+        return str(d)
+    with pytest.raises(KeyError, match="missing.*model.norm.weight"):
+        qwen.Qwen.from_pretrained(variant("missing", lambda s: s.pop("model.norm.weight")))
+    with pytest.raises(KeyError, match="unexpected key 'model.extra'"):
+        qwen.Qwen.from_pretrained(variant("extra", lambda s: s.update({"model.extra": torch.zeros(1)})))
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(5,\)"):
+        qwen.Qwen.from_pretrained(variant("shape", lambda s: s.update({"model.norm.weight": torch.zeros(5)})))
+    with pytest.raises(ValueError, match=r"(embed_tokens|lm_head).weight has shape \(300, 32\), config.json implies"):
+        qwen.Qwen.from_pretrained(variant("vocab", lambda s: None, {"vocab_size": 400}))
+
+
+@pytest.mark.parametrize("change,key", [({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+                                        ({"use_sliding_window": True}, "use_sliding_window"),
+                                        ({"model_type": "llama"}, "model_type"),
+                                        ({"hidden_act": "gelu"}, "hidden_act")])
+def test_unsupported_configs_are_refused_naming_the_key(tmp_path, change, key):
+    cfg = json.load(open(os.path.join(ASSETS, "qwen2.5", "Qwen2.5-1.5B", "config.json")))
+    cfg.update(change)
+    p = tmp_path / "config.json"
+    json.dump(cfg, open(p, "w"))
+    with pytest.raises(ValueError, match=key):
+        qwen.QwenConfig.from_json(str(p))
+
+# -----------------------------------------------------------------------------
+# rouge.py (frozen values: ../shared/ROUGE.md, produced by rouge-score 0.1.2 + nltk 3.10.4)
+
+from nltk.stem.porter import PorterStemmer  # noqa: E402
+from rouge_score import rouge_scorer  # noqa: E402
+
+TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+FROZEN = [  # (target, prediction, use_stemmer, type, (P, R, F)); the two tie-rule rows list only F in ROUGE.md
+    ("The quick brown fox jumps over the lazy dog", "The quick brown dog jumps on the log.", True, "rouge1",
+     (0.75, 0.6666666666666666, 0.7058823529411765)),
+    ("The quick brown fox jumps over the lazy dog", "The quick brown dog jumps on the log.", False, "rouge2",
+     (0.2857142857142857, 0.25, 0.26666666666666666)),
+    ("The quick brown fox jumps over the lazy dog", "The quick brown dog jumps on the log.", True, "rougeLsum",
+     (0.625, 0.5555555555555556, 0.5882352941176471)),
+    ("a b c d e", "a", False, "rouge1", (1.0, 0.2, 0.33333333333333337)),
+    ("a b c d e", "a", False, "rougeLsum", (1.0, 0.2, 0.33333333333333337)),
+    ("The cat sat on the mat.", "The cat is sitting on the mat.", False, "rouge2", (0.5, 0.6, 0.5454545454545454)),
+    ("The cat sat on the mat.", "The cat is sitting on the mat.", False, "rougeL",
+     (0.7142857142857143, 0.8333333333333334, 0.7692307692307692)),
+    ("Police killed the gunman.\nThe gunman was armed.", "The gunman was killed by police.\nHe was armed.", False,
+     "rouge2", (0.375, 0.42857142857142855, 0.39999999999999997)),
+    ("Police killed the gunman.\nThe gunman was armed.", "The gunman was killed by police.\nHe was armed.", False,
+     "rougeLsum", (0.4444444444444444, 0.5, 0.47058823529411764)),
+    ("running runs ran runner", "run running", False, "rouge1", (0.5, 0.25, 0.3333333333333333)),
+    ("running runs ran runner", "run running", True, "rouge1", (1.0, 0.5, 0.6666666666666666)),
+    ("running runs ran runner", "run running", True, "rouge2", (1.0, 0.3333333333333333, 0.5)),
+    ("w1 w2 w3 w4 w5", "w1 w2 w6 w7 w8\nw1 w3 w8 w9 w5", False, "rougeLsum", (0.4, 0.8, 0.5333333333333333)),
+    ("c b\nc a b c", "a b c\na\nb b c a", False, "rougeLsum", (0.5, 0.6666666666666666, 0.5714285714285715)),
+    ("b a b", "a b b\na a a", False, "rougeLsum", (0.5, 1.0, 0.6666666666666666)),
+    ("a", "a", False, "rouge2", (0.0, 0.0, 0.0)),
+    ("the the the", "the", False, "rougeL", (1.0, 1 / 3, 0.5)),
+    ("", "", False, "rougeLsum", (0.0, 0.0, 0.0)),
+    ("!!!\n???", "a b", False, "rougeLsum", (0.0, 0.0, 0.0)),
+    ("a b c d", "a b c d\n", False, "rougeLsum", (1.0, 1.0, 1.0)),
+]
+STEMS = ("ties tie dies die lies lie flies fli spies spi died die tied tie cried cri dying die lying lie tying tie "
+         "skies sky news news innings inning outings outing cannings canning howe howe proceed proceed exceed exceed "
+         "succeed succeed agreed agre feed feed bled bled sing sing motoring motor hopping hop falling fall hissing "
+         "hiss fizzed fizz failing fail filing file happy happi enjoy enjoy generously gener conditional condit "
+         "rational ration relational relat hopefulness hope formalize formal electrical electr adjustable adjust "
+         "controlling control roll roll probate probat rate rate cease ceas generalization gener sensibiliti sensibl "
+         "fulli fulli geology geolog archaeology archaeolog radically radic analogousli analog 1990s 1990 2000s 2000 "
+         "yyyy yyyi syzygy syzygi toys toy this thi that that being be does doe going go caresses caress ponies poni "
+         "cats cat feeds feed operate oper running run friends friend meeting meet").split()
+
+
+@pytest.mark.parametrize("target,prediction,stem,rtype,expected", FROZEN)
+def test_rouge_frozen_vectors(target, prediction, stem, rtype, expected):
+    got = rouge.RougeScorer([rtype], use_stemmer=stem).score(target, prediction)[rtype]
+    assert tuple(got) == expected
+
+
+def test_rougelsum_is_not_symmetric_as_in_rouge_score():
+    s = rouge.RougeScorer(["rougeLsum"])
+    assert s.score("a b c\na\nb b c a", "c b\nc a b c")["rougeLsum"].fmeasure == 0.7142857142857143
+
+
+def test_stemmer_frozen_table_and_the_lcs_index_example():
+    for word, want in zip(STEMS[::2], STEMS[1::2]):
+        assert rouge.stem(word) == want, word
+    assert rouge._lcs_indices([1, 2, 3, 4, 5], [2, 5, 3, 4]) == [1, 2, 3]
+    assert rouge.tokenize("the friends had a meeting", True) == "the friend had a meet".split()
+
+
+def corpus_texts():
+    uc = [data.to_messages(r) for r in data.read_rows(ULTRACHAT)]
+    answers = [m["content"] for msgs in uc for m in msgs if m["role"] == "assistant"]
+    omr = [r["generated_solution"] for r in data.read_rows(OMR)]
+    gsm = [r["answer"] for r in data.read_rows(GSM8K)]
+    return answers, omr, gsm
+
+
+def test_stemmer_equals_nltk_on_every_word_of_the_bundled_corpora():
+    words = set()
+    for texts in corpus_texts():
+        for t in texts:
+            words.update(w for w in rouge.tokenize(t, False) if len(w) > 3)
+    nltk = PorterStemmer()
+    wrong = [w for w in words if rouge.stem(w) != nltk.stem(w)]
+    assert len(words) > 18_000 and not wrong, wrong[:10]
+
+
+def assert_same_scores(pairs, use_stemmer):
+    ours, oracle = rouge.RougeScorer(TYPES, use_stemmer), rouge_scorer.RougeScorer(TYPES, use_stemmer=use_stemmer)
+    for target, prediction in pairs:
+        a, b = ours.score(target, prediction), oracle.score(target, prediction)
+        for t in TYPES:
+            assert tuple(a[t]) == tuple(b[t]), (t, target[:80], prediction[:80])
+
+
+@pytest.mark.parametrize("use_stemmer", [True, False])
+def test_rouge_equals_rouge_score_on_real_pairs(use_stemmer):
+    answers, omr, gsm = corpus_texts()
+    rng = random.Random(0)
+    pairs = [(answers[i], answers[(i + 1) % len(answers)]) for i in range(0, len(answers), 2)]  # ~1,500
+    pairs += [(gsm[i], gsm[i + 1]) for i in range(0, len(gsm) - 1, 2)]
+    omr_short = sorted(omr, key=len)[:200]  # multi-paragraph chains of thought, the shorter ones for time
+    pairs += [(omr_short[i], omr_short[i + 1]) for i in range(0, 80, 2)]
+    pairs += [(a, a[: len(a) // 2]) for a in rng.sample(answers, 100)]  # heavy overlap, long LCS
+    assert len(pairs) > 2000
+    assert_same_scores(pairs, use_stemmer)
+
+
+@pytest.mark.parametrize("use_stemmer", [True, False])
+def test_rouge_equals_rouge_score_on_random_stress_texts(use_stemmer):
+    rng = random.Random(1 + use_stemmer)
+    vocab = ["a", "b", "ab", "the", "The", "cat", "cats", "running", "runs", "ran", "1990s", "2,000", "3.14", "don't",
+             "U.S.A.", "e-mail", "naïve", "café", "straße", "İstanbul", "\u212aelvin", "ﬁne", "中文", "x_y", "!!!",
+             "...", "\n", "\n\n", "\r\n", "  ", "\t", "generalization", "happily", "agreed", "ponies", "—", "😀"]
+    pairs = []
+    for _ in range(2000):
+        n, m = rng.randint(0, 25), rng.randint(0, 25)
+        pairs.append(("".join(rng.choice(vocab) + rng.choice(["", " ", " ", "\n"]) for _ in range(n)),
+                      "".join(rng.choice(vocab) + rng.choice(["", " ", " ", "\n"]) for _ in range(m))))
+    small = "abc"  # tiny alphabets: LCS ties everywhere, the backtrack's tie rule decides rougeLsum
+    for _ in range(2000):
+        pairs.append(tuple("\n".join(" ".join(rng.choice(small) for _ in range(rng.randint(0, 5)))
+                                     for _ in range(rng.randint(1, 4))) for _ in range(2)))
+    assert_same_scores(pairs, use_stemmer)
+
+
+def test_score_multi_takes_the_best_target_first_on_ties():
+    ours, oracle = rouge.RougeScorer(TYPES, True), rouge_scorer.RougeScorer(TYPES, use_stemmer=True)
+    for targets, pred in [(["a x", "a y"], "a"), (["the cat sat", "a dog ran", "the dog sat"], "the dog sat down")]:
+        a, b = ours.score_multi(targets, pred), oracle.score_multi(targets, pred)
+        assert all(tuple(a[t]) == tuple(b[t]) for t in TYPES)
+
+
+def test_rouge_bad_input():
+    with pytest.raises(ValueError, match="Invalid rouge type: rougeX"):
+        rouge.RougeScorer(["rougeX"])
+    with pytest.raises(ValueError, match="Invalid rouge type: rouge10"):
+        rouge.RougeScorer(["rouge10"])
+    with pytest.raises(ValueError, match="rougen requires positive n"):
+        rouge.RougeScorer(["rouge0"])
+    with pytest.raises(TypeError, match="prediction must be str, got int"):
+        rouge.RougeScorer(["rouge1"]).score("a", 3)
+    with pytest.raises(TypeError, match="target must be str, got NoneType"):
+        rouge.RougeScorer(["rouge1"]).score(None, "a")
+    assert all(tuple(s) == (0.0, 0.0, 0.0) for s in rouge.RougeScorer(TYPES).score("", "").values())
+    with pytest.raises(ValueError, match="2 references but 1 predictions"):
+        rouge.corpus_score(["a", "b"], ["a"])
+
+
+def test_corpus_score_is_the_plain_mean_of_rouge_score_per_example():
+    answers, _, _ = corpus_texts()
+    refs, preds = answers[:50], answers[50:100]
+    oracle = rouge_scorer.RougeScorer(TYPES, use_stemmer=True)
+    per = [oracle.score(r, p) for r, p in zip(refs, preds)]
+    got = rouge.corpus_score(refs, preds, TYPES, use_stemmer=True)
+    for t in TYPES:
+        assert got[t].fmeasure == sum(s[t].fmeasure for s in per) / 50
+        assert got[t].precision == sum(s[t].precision for s in per) / 50
+
+
+def test_rouge_command_line(tmp_path):
+    refs, preds = tmp_path / "refs.jsonl", tmp_path / "preds.jsonl"
+    refs.write_text(json.dumps({"reference": "the cat sat on the mat"}) + "\n" + json.dumps("a b c") + "\n")
+    preds.write_text(json.dumps({"prediction": "the cat is on the mat"}) + "\n" + json.dumps("a b") + "\n")
+    out = tmp_path / "scores.json"
+    r = subprocess.run([sys.executable, "rouge.py", str(refs), str(preds), f"--json={out}"], cwd=HERE,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    want = rouge.corpus_score(["the cat sat on the mat", "a b c"], ["the cat is on the mat", "a b"])
+    assert json.load(open(out))["rouge1"]["fmeasure"] == want["rouge1"].fmeasure
+    preds.write_text(json.dumps("x") + "\n{not json\n")
+    r = subprocess.run([sys.executable, "rouge.py", str(refs), str(preds)], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode != 0 and f"{preds}:2: malformed JSON" in r.stderr
+    preds.write_text(json.dumps("x") + "\n")
+    r = subprocess.run([sys.executable, "rouge.py", str(refs), str(preds)], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode != 0 and "2 references" in r.stderr and "1 predictions" in r.stderr
+
+# -----------------------------------------------------------------------------
+# data.py
+
+import jinja2  # noqa: E402
+
+
+def chat_template(model):
+    cfg = json.load(open(os.path.join(ASSETS, "qwen2.5", model, "tokenizer_config.json")))
+    return jinja2.Environment().from_string(cfg["chat_template"])
+
+
+@pytest.mark.parametrize("path", [ULTRACHAT, OMR])
+def test_all_bundled_rows_render_like_the_jinja_template_and_supervise_exactly_the_answers(path, tokenizer):
+    rows = data.read_rows(path)
+    assert len(rows) == {ULTRACHAT: 1000, OMR: 505}[path]
+    for model, system in (("Qwen2.5-1.5B", data.SYSTEM_PROMPT_BASE), ("Qwen2.5-7B-Instruct", data.SYSTEM_PROMPT_INSTRUCT)):
+        template = chat_template(model)
+        for row in rows:
+            msgs = data.to_messages(row)
+            assert data.render_chat(msgs, system) == template.render(messages=msgs)
+            assert data.render_chat(msgs, system, True) == template.render(messages=msgs, add_generation_prompt=True)
+    examples, stats = data.encode_rows(rows, tokenizer, max_len=10**6, source=path)
+    assert stats["examples"] == len(rows) and stats["dropped_no_target"] == 0
+    for row, (ids, labels) in zip(rows, examples):
+        msgs = data.to_messages(row)
+        sup = [i for i, lab in zip(ids, labels) if lab != data.IGNORE_INDEX]
+        # every assistant turn, and each one's <|im_end|>; nothing else
+        assert tokenizer.decode(sup, skip_special_tokens=False) == "".join(
+            m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant")
+        assert all(lab in (data.IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+        # the pieces joined are the rendered conversation, tokenized as the template's text would be
+        assert ids == tokenizer.encode(data.render_chat(msgs), add_special_tokens=False).ids
+
+
+def test_row_formats_are_recognised():
+    assert data.to_messages({"question": "q", "answer": "a"}) == [{"role": "user", "content": "q"},
+                                                                  {"role": "assistant", "content": "a"}]
+    assert data.to_messages({"prompt": "p", "response": "r"})[1]["content"] == "r"
+    assert data.to_messages({"instruction": "i", "input": "x", "output": "o"})[0]["content"] == "i\n\nx"
+    assert data.to_messages({"instruction": "i", "input": "", "output": "o"})[0]["content"] == "i"
+    gsm = data.read_rows(GSM8K)
+    assert len(gsm) == 1319 and data.to_messages(gsm[0])[1]["content"].endswith("#### 18")
+    msgs = data.to_messages({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "u"},
+                                          {"role": "assistant", "content": "a"}]})
+    assert data.render_chat(msgs) == chat_template("Qwen2.5-1.5B").render(messages=msgs)
+
+
+def test_plain_text_rows_supervise_every_token_and_end_of_text(tokenizer):
+    (ids, labels), = data.encode_rows([{"text": "Hello world."}], tokenizer, 100)[0]
+    assert ids == labels and ids[-1] == tokenizer.token_to_id("<|endoftext|>")
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "Hello world.<|endoftext|>"
+
+
+def test_truncation_never_keeps_an_example_without_targets(tokenizer):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    examples, stats = data.encode_rows([long_prompt, short, long_prompt], tokenizer, max_len=64)
+    assert stats["dropped_no_target"] == 2 and stats["truncated"] == 2 and len(examples) == 1
+    assert all(len(ids) <= 64 for ids, _ in examples)
+
+
+def test_collate_pads_right_and_never_supervises_padding():
+    ex = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5])]
+    ids, labels, mask = data.collate(ex, pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert labels.tolist() == [[-100, 2, 3], [-100, 5, -100]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_shards_are_disjoint_cover_the_data_and_have_equal_counts(world):
+    rng = random.Random(world)
+    for n in (37, 100, 101):
+        lengths = [rng.randint(5, 500) for _ in range(n)]
+        for accum in (1, 2):
+            batches = data.make_batches(lengths, 4, seed=0, epoch=1, multiple=world * accum)
+            shards = [batches[r::world] for r in range(world)]
+            assert len({len(s) for s in shards}) == 1
+            seen = [i for s in shards for b in s for i in b]
+            assert sorted(seen) == list(range(n))  # every example exactly once
+            assert max(len(b) for b in batches) <= 4
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch_and_grouping_cuts_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1000)]
+    a = data.make_batches(lengths, 8, seed=1, epoch=0)
+    assert a == data.make_batches(lengths, 8, seed=1, epoch=0)
+    assert a != data.make_batches(lengths, 8, seed=1, epoch=1) and a != data.make_batches(lengths, 8, seed=2, epoch=0)
+    plain = data.make_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
+    assert data.padding_fraction(a, lengths) < 0.2 < data.padding_fraction(plain, lengths)
+
+
+def test_eval_pairs_are_the_first_turn_and_the_split_is_disjoint(tokenizer):
+    rows = data.read_rows(ULTRACHAT)
+    train, held = data.split_rows(rows, 50, seed=3)
+    assert len(held) == 50 and len(train) == 950
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held}
+    assert held == data.split_rows(rows, 50, seed=3)[1] != data.split_rows(rows, 50, seed=4)[1]
+    prompts, refs, skipped = data.eval_pairs(held, tokenizer)
+    assert skipped == 0 and len(prompts) == 50
+    msgs = data.to_messages(held[0])
+    assert refs[0] == msgs[1]["content"]
+    assert tokenizer.decode(prompts[0], skip_special_tokens=False) == chat_template("Qwen2.5-1.5B").render(
+        messages=msgs[:1], add_generation_prompt=True)
+    assert prompts[0][-3:] == tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+
+
+def write(tmp_path, name, content, mode="w"):
+    p = tmp_path / name
+    with open(p, mode) as f:
+        f.write(content)
+    return str(p)
+
+
+def test_bad_data_is_refused_naming_file_row_and_line(tmp_path, tokenizer):
+    ok = json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]})
+    p = write(tmp_path, "bad.jsonl", ok + "\n" + ok + "\n{broken\n")
+    with pytest.raises(data.DataError, match=r"bad.jsonl:3: malformed JSON"):
+        data.read_rows(p)
+    p = write(tmp_path, "latin1.jsonl", (ok + "\n").encode() + '{"text": "caf\xe9"}\n'.encode("latin-1"), "wb")
+    with pytest.raises(data.DataError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        data.read_rows(p)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        data.read_rows(str(tmp_path / "nope.jsonl"))
+    cases = [({"foo": 1}, "unknown row format"),
+             ({"messages": [{"role": "user", "content": "u"}, {"role": "bot", "content": "a"}]}, "unknown role 'bot'"),
+             ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": " "}]}, "empty assistant"),
+             ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]}, "out of order"),
+             ({"messages": [{"role": "user", "content": "u"}]}, "ends with a user turn")]
+    good = json.loads(ok)
+    for row, msg in cases:
+        with pytest.raises(data.DataError, match=rf"train.jsonl: row 1: .*{msg}"):
+            data.encode_rows([good, row, good], tokenizer, 100, source="train.jsonl")
+        examples, stats = data.encode_rows([good, row, good], tokenizer, 100, skip_bad_rows=True)
+        assert len(examples) == 2 and stats["bad_rows_skipped"] == 1
+
+
+def test_parquet_rows_equal_jsonl_rows_and_without_pyarrow_the_message_says_so(monkeypatch):
+    pq = OMR.replace(".jsonl", ".parquet")
+    assert data.read_rows(pq) == data.read_rows(OMR)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed: import raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(data.DataError, match="needs pyarrow"):
+        data.read_rows(pq)
+
+# -----------------------------------------------------------------------------
+# deltakd.py: the loss, against a float64 reference written in probability space
+
+
+def ref_target(ft, raw_t, raw_s, alpha, tau):
+    # the paper's definition, literally: pi* = pi_ft (pi_s / pi_t)^alpha / Z, each pi = softmax(z / tau)
+    p = lambda z: torch.softmax(z.double() / tau, -1)  # noqa: E731
+    w = p(ft) * (p(raw_s) / p(raw_t)) ** alpha
+    return w / w.sum(-1, keepdim=True)
+
+
+def ref_kl(p, q):
+    # KL(p || q) per row, probabilities in, no logs of logits anywhere
+    return (p * (p / q).log()).sum(-1)
+
+
+def logits(*shape, scale=3.0, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def some_labels(B, T, V, seed=0):
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    labels[0, :4] = data.IGNORE_INDEX  # a prompt
+    labels[-1, -3:] = data.IGNORE_INDEX  # padding
+    return labels
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_delta_target_equals_the_papers_definition(alpha, tau):
+    ft, rt, rs = logits(2, 5, 40, seed=1), logits(2, 5, 40, seed=2), logits(2, 5, 40, seed=3)
+    got = deltakd.delta_kd_target(ft, rt, rs, alpha, tau)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double().exp(), ref_target(ft, rt, rs, alpha, tau), atol=1e-6)
+
+
+def test_alpha_zero_and_equal_raw_models_are_forward_kl_to_the_finetuned_teacher():
+    ft, rt, rs = logits(2, 6, 30, seed=1), logits(2, 6, 30, seed=2), logits(2, 6, 30, seed=3)
+    fkl = F.log_softmax(ft / 2.0, -1)
+    assert torch.allclose(deltakd.delta_kd_target(ft, rt, rs, 0.0, 2.0), fkl, atol=1e-6)
+    assert torch.allclose(deltakd.delta_kd_target(ft, rt, rt, 1.5, 2.0), fkl, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl"])
+def test_kd_loss_equals_the_reference_and_is_zero_at_the_target(divergence):
+    B, T, V, tau = 3, 8, 50, 2.0
+    labels = some_labels(B, T, V)
+    z = logits(B, T, V, seed=4)
+    target = deltakd.delta_kd_target(logits(B, T, V, seed=5), logits(B, T, V, seed=6), logits(B, T, V, seed=7), 1.0, tau)
+    total, n = deltakd.kd_loss(z, target, labels, divergence, tau)
+    mask = labels[:, 1:] != -100
+    p, q = target[:, :-1][mask].double().exp(), torch.softmax(z[:, :-1][mask].double() / tau, -1)
+    want = ref_kl(p, q) if divergence == "fkl" else ref_kl(q, p)
+    assert n.item() == mask.sum().item() == B * (T - 1) - 3 - 3
+    assert math.isclose(total.item(), want.sum().item(), rel_tol=1e-5)
+    # a student whose tempered distribution is pi* has nothing to learn
+    at_target = target * tau  # softmax(at_target / tau) = softmax(target) = pi*
+    zero, _ = deltakd.kd_loss(at_target, target, labels, divergence, tau)
+    assert abs(zero.item()) < 1e-4
+
+
+def test_gradient_wrt_student_logits_is_q_minus_pi_star_over_tau():
+    B, T, V, tau = 2, 7, 30, 0.5
+    labels = some_labels(B, T, V)
+    z = logits(B, T, V, seed=8).requires_grad_()
+    ft, rt, rs = logits(B, T, V, seed=9), logits(B, T, V, seed=10), logits(B, T, V, seed=11)
+    total, n = deltakd.kd_loss(z, deltakd.delta_kd_target(ft, rt, rs, 1.0, tau), labels, "fkl", tau)
+    (total / n).backward()
+    want = torch.zeros(B, T, V, dtype=torch.float64)
+    mask = labels[:, 1:] != -100
+    want[:, :-1][mask] = (torch.softmax(z.detach()[:, :-1][mask].double() / tau, -1)
+                          - ref_target(ft, rt, rs, 1.0, tau)[:, :-1][mask]) / tau / n
+    assert torch.allclose(z.grad.double(), want, atol=1e-7)
+
+
+def loss_inputs(method, B=3, T=11, C=16, V=60, seed=0):
+    """Hidden states and heads: the student's head has 4 padded vocab rows, the teachers' 9 (as 1.5B vs 7B);
+    the padded rows hold huge values that must never matter."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, C, generator=g) * 2
+    W = torch.randn(V + 4, C, generator=g)
+    W[V:] = 1e4
+    n_teachers = {"sft": 0, "fkl": 1, "rkl": 1, "delta": 3, "delta-rkl": 3}[method]
+    teachers = []
+    for _ in range(n_teachers):
+        Wt = torch.randn(V + 9, 24, generator=g)
+        Wt[V:] = -1e4 * torch.rand(9, 24, generator=g)
+        teachers.append((torch.randn(B, T, 24, generator=g) * 2, Wt))
+    spec = dict(vocab=V, lam={"sft": 1.0}.get(method, 0.3), alpha=1.5, temperature=2.0,
+                divergence="rkl" if "rkl" in method else "fkl", chunk_size=5)
+    return h, W, some_labels(B, T, V, seed), teachers, spec
+
+
+def run_loss(h, W, labels, teachers, spec, dtype=torch.float32):
+    h, W = h.detach().clone().to(dtype).requires_grad_(), W.detach().clone().to(dtype).requires_grad_()
+    loss, sft, kd, n = deltakd.distill_loss(h, W, labels, [(t.to(dtype), w.to(dtype)) for t, w in teachers], spec)
+    (loss / n).backward()
+    return loss.detach(), sft, kd, h.grad, W.grad
+
+
+@pytest.mark.parametrize("method", ["sft", "fkl", "rkl", "delta", "delta-rkl"])
+def test_chunked_loss_equals_dense_loss_and_gradients(method):
+    h, W, labels, teachers, spec = loss_inputs(method)
+    dense = run_loss(h, W, labels, teachers, dict(spec, impl="dense"))
+    for chunk in (1, 5, 7, 10_000):  # one row at a time, uneven tails, everything in one chunk
+        chunked = run_loss(h, W, labels, teachers, dict(spec, impl="chunked", chunk_size=chunk))
+        for a, b in zip(chunked, dense):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1e-6)
+        assert chunked[4][60:].abs().max() == 0  # padded vocab rows get no gradient
+
+
+def test_chunked_loss_equals_an_independent_float64_reference():
+    h, W, labels, teachers, spec = loss_inputs("delta")
+    loss, sft, kd, _, _ = run_loss(h, W, labels, teachers, dict(spec, impl="chunked"))
+    mask = labels[:, 1:] != -100
+    V, tau = spec["vocab"], spec["temperature"]
+    z = (h[:, :-1][mask].double() @ W[:V].double().T)
+    zt = [t[:, :-1][mask].double() @ w[:V].double().T for t, w in teachers]
+    p_star = ref_target(zt[0], zt[1], zt[2], spec["alpha"], tau)
+    want_kd = ref_kl(p_star, torch.softmax(z / tau, -1)).sum()
+    want_sft = -torch.log_softmax(z, -1).gather(1, labels[:, 1:][mask][:, None]).sum()
+    assert math.isclose(kd.item(), want_kd.item(), rel_tol=1e-5)
+    assert math.isclose(sft.item(), want_sft.item(), rel_tol=1e-5)
+    assert math.isclose(loss.item(), (0.3 * want_sft + 0.7 * want_kd).item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
+def test_extreme_logits_give_finite_losses_and_gradients(tau, alpha):
+    B, T, V = 2, 6, 40
+    g = torch.Generator().manual_seed(0)
+    extreme = lambda: (torch.randint(0, 2, (B, T, V), generator=g) * 2 - 1).float() * 1e4  # noqa: E731
+    labels = some_labels(B, T, V)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = extreme().to(dtype).requires_grad_()
+        target = deltakd.delta_kd_target(extreme().to(dtype), extreme().to(dtype), extreme().to(dtype), alpha, tau)
+        for div in ("fkl", "rkl"):
+            total, n = deltakd.kd_loss(z, target, labels, div, tau)
+            (grad,) = torch.autograd.grad(total / n, z)
+            assert torch.isfinite(total) and torch.isfinite(grad).all()
+    # the chunked path from hidden states, logits near +-1e4, bf16 like the real teachers
+    h, W, labels, teachers, spec = loss_inputs("delta")
+    teachers = [(t * 50, w) for t, w in teachers]
+    for dtype in (torch.float32, torch.bfloat16):
+        for div in ("fkl", "rkl"):
+            out = run_loss(h * 50, W, labels, teachers,
+                           dict(spec, impl="chunked", alpha=alpha, temperature=tau, divergence=div), dtype)
+            assert all(torch.isfinite(x).all() for x in out)
+
+# -----------------------------------------------------------------------------
+# deltakd.py: the training loop
+
+
+def test_config_overrides_are_type_checked_and_unknown_keys_named():
+    cfg = deltakd.parse_args(["--lr=3e-4", "--zero=true", "--method=fkl", "--batch_size=2"])
+    assert (cfg.lr, cfg.zero, cfg.method, cfg.batch_size) == (3e-4, True, "fkl", 2)
+    with pytest.raises(SystemExit, match="unknown config key 'learning_rate'"):
+        deltakd.parse_args(["--learning_rate=1"])
+    with pytest.raises(SystemExit, match="--batch_size=two: expected int"):
+        deltakd.parse_args(["--batch_size=two"])
+    with pytest.raises(SystemExit, match="--zero=maybe: expected bool"):
+        deltakd.parse_args(["--zero=maybe"])
+    with pytest.raises(SystemExit, match="--method=minillm"):
+        deltakd.parse_args(["--method=minillm"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Tiny random Qwen2 checkpoints saved by transformers, with the real tokenizer and Qwen's real vocab
+    sizes (151,936 for the student, 152,064 for the teachers, 151,665 real tokens), and GSM8K rows."""
+    root = tmp_path_factory.mktemp("run")
+    for name, hidden, tie, vocab, seed in [("student", 32, True, 151936, 0), ("teacher_raw", 48, False, 152064, 1),
+                                           ("teacher_ft", 48, False, 152064, 2)]:
+        torch.manual_seed(seed)
+        c = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+        transformers.Qwen2ForCausalLM(c).save_pretrained(str(root / name))
+        __import__("shutil").copy(TOKENIZER, root / name / "tokenizer.json")
+    rows = data.read_rows(GSM8K)[:56]
+    with open(root / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return root
+
+
+def args(run_dir, out, **kw):
+    a = dict(student=run_dir / "student", teacher_ft=run_dir / "teacher_ft", teacher_raw=run_dir / "teacher_raw",
+             train_data=run_dir / "train.jsonl", out_dir=out, eval_size=8, max_len=160, batch_size=2, lr=3e-3,
+             teacher_dtype="float32", chunk_size=128, quiet=True, eval_max_new_tokens=8, method="delta")
+    a.update(kw)
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+def weights(ckpt):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(ckpt, "model.safetensors"))
+
+
+def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
+    scores = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=4, save_every=1, keep_last=2)))
+    assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    ckpts = deltakd.checkpoints(str(tmp_path))
+    assert [os.path.basename(c) for c in ckpts] == ["ckpt-0000003", "ckpt-0000004"]  # keep_last
+    ours = qwen.Qwen.from_pretrained(ckpts[-1]).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(ckpts[-1]).eval()
+    x = torch.randint(0, 151665, (1, 12))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max() <= 1e-4
+    assert not torch.equal(weights(ckpts[-1])["model.norm.weight"], weights(run_dir / "student")["model.norm.weight"])
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert all(math.isclose(m["loss"], 0.5 * m["sft"] + 0.5 * m["kd"], rel_tol=1e-6) for m in steps)
+    assert metrics[-1]["eval"] == scores
+    preds = [json.loads(line) for line in open(tmp_path / "eval-final.jsonl")]
+    assert len(preds) == 8 and all(set(p) == {"prediction", "reference"} for p in preds)
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(run_dir, tmp_path):
+    common = dict(max_steps=8, save_every=2, keep_last=10, eval_size=0)
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "straight", **common)))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "deltakd.py", *args(run_dir, killed, **common)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not deltakd.checkpoints(str(killed)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survived = deltakd.checkpoints(str(killed))
+    assert survived and survived[-1] < str(killed / "ckpt-0000008"), proc.stderr.read()[-2000:]
+    deltakd.train(deltakd.parse_args(args(run_dir, killed, resume=True, **common)))
+    a, b = weights(tmp_path / "straight" / "ckpt-0000008"), weights(killed / "ckpt-0000008")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda d: [json.loads(x)["loss"] for x in open(d / "metrics.jsonl")][-2:]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(killed)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_dir, tmp_path, zero):
+    common = dict(max_steps=3, eval_size=8, eval_max_new_tokens=4, lr=1e-2)
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "one", grad_accum=2, **common)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "deltakd.py",
+                        *args(run_dir, tmp_path / "two", grad_accum=1, zero=zero, **common)],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(tmp_path / "one" / "ckpt-0000003"), weights(tmp_path / "two" / "ckpt-0000003")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [m["supervised_tokens"] for m in one[:3]] == [m["supervised_tokens"] for m in two[:3]]
+    assert one[-1]["eval"] == two[-1]["eval"]  # generation split across ranks and gathered
+
+
+def test_bad_inputs_stop_before_the_first_step_with_a_message(run_dir, tmp_path):
+    def fails(match, **kw):
+        with pytest.raises(SystemExit, match=match):
+            deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "out", **kw)))
+        assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+    fails("--teacher_raw=/nowhere: no config.json", teacher_raw="/nowhere")
+    fails("--method=fkl needs --teacher_ft", method="fkl", teacher_ft="")
+    # a teacher with another tokenizer
+    other = tmp_path / "other_tok"
+    __import__("shutil").copytree(run_dir / "teacher_ft", other)
+    tok = json.load(open(TOKENIZER))
+    tok["added_tokens"][0]["content"] = "<|something_else|>"
+    json.dump(tok, open(other / "tokenizer.json", "w"))
+    fails(r"tokenizer mismatch: .*other_tok/tokenizer.json \(--teacher_ft\) differs from", teacher_ft=other)
+    small = tmp_path / "small_vocab"
+    __import__("shutil").copytree(run_dir / "student", small)
+    cfg = json.load(open(small / "config.json"))
+    cfg["vocab_size"] = 1000
+    json.dump(cfg, open(small / "config.json", "w"))
+    fails("vocab_size 1000 is smaller than the tokenizer's 151665", student_raw=small)
+    fails("no example has a supervised", max_len=40)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="is not writable"):
+        deltakd.train(deltakd.parse_args(args(run_dir, blocker / "out")))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run_dir, tmp_path):
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=2, eval_size=0)))
+    before = weights(tmp_path / "ckpt-0000002")
+    # an absurd learning rate: step 3's update overflows the weights, step 4's loss is not finite
+    with pytest.raises(SystemExit, match="non-finite (loss|gradient norm) at step [34]"):
+        deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=8, save_every=4, resume=True, lr=1e38,
+                                              eval_size=0, grad_clip=0)))
+    assert [os.path.basename(c) for c in deltakd.checkpoints(str(tmp_path))] == ["ckpt-0000002"]
+    after = weights(tmp_path / "ckpt-0000002")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_demo_pipeline_runs_every_stage_and_writes_the_table(tmp_path, monkeypatch):
+    # the real demo with every stage shrunk to a few steps; its full-size run is measured in the README
+    small = dict(deltakd.DEMO, vocab_size=2000, eval_size=6, eval_max_new_tokens=6,
+                 pretrain=dict(max_steps=2, lr=1e-3, batch_size=4), finetune=dict(max_steps=2, lr=1e-3, batch_size=4),
+                 distill=dict(max_steps=2, lr=1e-3, batch_size=4))
+    monkeypatch.setattr(deltakd, "DEMO", small)
+    results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true"]))
+    assert set(results) == {"teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd", "student-delta"}
+    table = open(tmp_path / "results.md").read()
+    assert table.count("\n") == 8 and "Delta-KD" in table and "SeqKD" in table
+    seqkd = data.read_rows(str(tmp_path / "student-seqkd" / "seqkd_data.jsonl"))
+    assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)
