@@ -77,7 +77,7 @@ class Config:
     zero: bool = False          # shard AdamW state across ranks (ZeroRedundancyOptimizer)
     grad_checkpointing: bool = False
     loss_impl: str = "chunked"  # chunked (memory-flat) | dense (full logits, for checking)
-    chunk_size: int = 1024      # supervised tokens per loss chunk
+    chunk_size: int = 512       # supervised tokens per loss chunk: ~6 (chunk, vocab) fp32 buffers live
     teacher_dtype: str = "bfloat16"  # frozen models; the student trains in fp32 (bf16 autocast on CUDA)
     # evaluation (ROUGE of greedy answers on held-out prompts)
     eval_every: int = 0         # 0: only at the end
@@ -172,37 +172,38 @@ class ChunkedDistillLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, teachers, spec):
-        V, lam, chunk = spec["vocab"], spec["lam"], spec["chunk_size"]
+        V, chunk = spec["vocab"], spec["chunk_size"]
         need_grad = h.requires_grad or weight.requires_grad  # grad mode itself is off in here
         W = weight[:V]  # the real tokens only: Qwen's padded rows never enter a softmax
-        grad_h = torch.zeros_like(h, dtype=torch.float32) if need_grad else None
-        grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_grad else None
+        # fp32 gradient buffers; padded vocab rows stay zero
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        grad_W = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
         totals = torch.zeros(3, dtype=torch.float64, device=h.device)  # loss, sft, kd
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
             z = (hc @ W.to(hc.dtype).T).float()  # (n, V) student logits
             loss, sft, kd, dz = chunk_loss(z, targets[s:s + chunk], [(t[s:s + chunk], w[:V]) for t, w in teachers],
                                            spec)
+            del z
             totals += torch.stack([loss, sft, kd]).double()
             if need_grad:
                 dz = dz.to(hc.dtype)
                 grad_h[s:s + chunk] = dz @ W.to(hc.dtype)
                 if hc.dtype == torch.float32:
-                    grad_W.addmm_(dz.T, hc)
+                    grad_W[:V].addmm_(dz.T, hc)
                 else:  # bf16 matmul, accumulated in fp32 across chunks
-                    grad_W += dz.T @ hc
-            del z, dz
+                    grad_W[:V] += dz.T @ hc
+            del dz
         ctx.save_for_backward(grad_h, grad_W)
-        ctx.weight_shape, ctx.weight_dtype, ctx.h_dtype = weight.shape, weight.dtype, h.dtype
+        ctx.dtypes = (h.dtype, weight.dtype)
         ctx.mark_non_differentiable(totals)
         return totals[0].float(), totals[1].float(), totals[2].float()
 
     @staticmethod
     def backward(ctx, g, _g_sft, _g_kd):
+        # scaled in place: this graph is backpropagated once (no retain_graph), so no copy is needed
         grad_h, grad_W = ctx.saved_tensors
-        full = torch.zeros(ctx.weight_shape, dtype=torch.float32, device=grad_W.device)
-        full[:grad_W.shape[0]] = grad_W  # padded vocab rows get zero gradient
-        return (grad_h * g).to(ctx.h_dtype), (full * g).to(ctx.weight_dtype), None, None, None
+        return grad_h.mul_(g).to(ctx.dtypes[0]), grad_W.mul_(g).to(ctx.dtypes[1]), None, None, None
 
 
 def chunk_loss(z, targets, teachers, spec):
@@ -300,6 +301,10 @@ def check_inputs(cfg):
             raise SystemExit(f"--method={cfg.method} needs --{role}")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"--{role}={path}: no config.json there (not an HF model directory)")
+    for key in ("train_data", "eval_data"):
+        path = getattr(cfg, key)
+        if (path or key == "train_data") and not os.path.isfile(path):
+            raise SystemExit(f"--{key}={path}: no such file")
     tok_path = cfg.tokenizer or os.path.join(cfg.student, "tokenizer.json")
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer: {tok_path} does not exist (pass --tokenizer=.../tokenizer.json)")
@@ -323,7 +328,7 @@ def check_inputs(cfg):
     return tokenizer
 
 
-def load_data(cfg, tokenizer, rank):
+def load_data(cfg):
     train_rows = data.read_rows(cfg.train_data)
     if cfg.eval_data:
         eval_rows = data.read_rows(cfg.eval_data)
@@ -334,12 +339,14 @@ def load_data(cfg, tokenizer, rank):
     return train_rows, eval_rows
 
 
-def encode(cfg, rows, tokenizer, source, rank):
+def encode(cfg, rows, tokenizer, source, rank, world):
     examples, stats = data.encode_rows(rows, tokenizer, cfg.max_len, cfg.system_prompt, cfg.skip_bad_rows, source)
     if not examples:
         raise SystemExit(f"{source}: no example has a supervised (assistant) token within max_len={cfg.max_len}")
     if rank == 0 and not cfg.quiet:
-        print(f"data {source}: {stats}")
+        lengths = [len(ids) for ids, _ in examples]
+        batches = data.make_batches(lengths, cfg.batch_size, cfg.seed, 0, world * cfg.grad_accum)
+        print(f"data {source}: {stats}, padding {data.padding_fraction(batches, lengths):.1%} of batch tokens")
     return examples
 
 
@@ -363,6 +370,9 @@ def seqkd_rows(cfg, rows, tokenizer, device, rank, world):
             dist.barrier()
     # a teacher answer that is empty cannot be supervised: skip those rows, say how many
     out = [r for r in data.read_rows(cache) if r["messages"][-1]["content"].strip()]
+    if not out:
+        raise SystemExit(f"seqkd: the finetuned teacher {cfg.teacher_ft} gave an empty answer to all {len(rows)} "
+                         f"training prompts ({cache}); nothing to train on")
     if rank == 0 and len(out) < len(rows) and not cfg.quiet:
         print(f"seqkd: {len(rows) - len(out)} empty teacher answers skipped")
     return out
@@ -449,6 +459,18 @@ def checkpoints(out_dir):
 # training
 
 
+def forward_loss(ddp_model, model, frozen, roles, input_ids, labels, spec):
+    """One micro-batch: the frozen models' hidden states (no grad), the student's, and distill_loss.
+    Right padding only, so no attention mask: under causal attention pad positions never influence
+    real ones, and SDPA can take its fastest (causal) kernels."""
+    device = input_ids.device
+    with torch.no_grad(), autocast(device):
+        teachers = [(frozen[r](input_ids, return_hidden=True), frozen[r].lm_head.weight) for r in roles]
+    with autocast(device):
+        h = ddp_model(input_ids, return_hidden=True)
+    return distill_loss(h, model.lm_head.weight, labels, teachers, spec)
+
+
 def lr_at(step, cfg, total):
     # linear warmup, then cosine decay from lr to lr * min_lr_ratio
     if step < cfg.warmup_steps:
@@ -469,10 +491,10 @@ def train(cfg):
     if master and not cfg.quiet:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
 
-    train_rows, eval_rows = load_data(cfg, tokenizer, rank)
+    train_rows, eval_rows = load_data(cfg)
     if cfg.method == "seqkd":
         train_rows = seqkd_rows(cfg, train_rows, tokenizer, device, rank, world)
-    examples = encode(cfg, train_rows, tokenizer, cfg.train_data, rank)
+    examples = encode(cfg, train_rows, tokenizer, cfg.train_data, rank, world)
     prompts, refs, _ = data.eval_pairs(eval_rows, tokenizer, cfg.system_prompt, cfg.max_len)
     lengths = [len(ids) for ids, _ in examples]
 
@@ -542,14 +564,9 @@ def train(cfg):
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for i, (input_ids, labels, _) in enumerate(micro):
             input_ids, labels = input_ids.to(device), labels.to(device)
-            # right padding only, so no mask: pad positions never influence real ones under causal attention
-            with torch.no_grad(), autocast(device):
-                teachers = [(frozen[r](input_ids, return_hidden=True), frozen[r].lm_head.weight) for r in teacher_roles]
             sync = i == len(micro) - 1 or not dist.is_initialized()
-            with contextlib.nullcontext() if sync else ddp_model.no_sync():
-                with autocast(device):
-                    h = ddp_model(input_ids, return_hidden=True)
-                loss, sft, kd, _ = distill_loss(h, model.lm_head.weight, labels, teachers, spec)
+            with contextlib.nullcontext() if sync else ddp_model.no_sync():  # all-reduce on the last only
+                loss, sft, kd, _ = forward_loss(ddp_model, model, frozen, teacher_roles, input_ids, labels, spec)
                 # DDP averages gradients over ranks; * world turns that into the global token mean
                 (loss * (world / n_tokens)).backward()
             sums += torch.stack([loss.detach(), sft, kd]).double()
@@ -558,6 +575,9 @@ def train(cfg):
             raise SystemExit(f"non-finite loss at step {step + 1} ({sums.tolist()}); stopping without saving. "
                              f"The last good checkpoint in {cfg.out_dir} is untouched.")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(gnorm):
+            raise SystemExit(f"non-finite gradient norm at step {step + 1}; stopping without saving. "
+                             f"The last good checkpoint in {cfg.out_dir} is untouched.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -599,38 +619,42 @@ def log_eval(cfg, step, scores, master, metrics_path):
 # the embedded demo: the whole method on bundled data, on a 2-core CPU in minutes
 
 DEMO = dict(
-    data=os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"),
-    vocab_size=4096, max_len=160, eval_size=48, eval_max_new_tokens=48,
+    pretrain_data=os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"),  # general English
+    task_data=os.path.join(HERE, "assets/data/gsm8k/test.jsonl"),  # the finetuning task: question -> answer
+    vocab_size=4096, max_len=192, eval_size=48, eval_max_new_tokens=64,
     teacher=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
     student=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
-    pretrain=dict(max_steps=300, lr=3e-3, warmup_steps=20, batch_size=16),
-    finetune=dict(max_steps=150, lr=1e-3, warmup_steps=10, batch_size=16),
-    distill=dict(max_steps=150, lr=1e-3, warmup_steps=10, batch_size=16),
+    # tiny models take (and need) a high learning rate; steps sized for ~5 minutes on 2 cores
+    pretrain=dict(max_steps=150, lr=1e-2, warmup_steps=10, batch_size=16),
+    finetune=dict(max_steps=250, lr=1e-2, warmup_steps=10, batch_size=16),
+    distill=dict(max_steps=150, lr=1e-2, warmup_steps=10, batch_size=16),
 )
 
 
 def demo(cfg):
-    """Tokenizer -> pretrain a raw teacher and a raw student on plain text -> finetune the teacher on chat
-    -> distill five students from the raw student (SFT, FKL, RKL, SeqKD, Delta-KD) -> ROUGE table.
-    Every stage is a call of train() with its own Config: the same loop and loss as a real run."""
+    """Tokenizer -> pretrain a raw teacher and a raw student on plain English text -> finetune the teacher
+    on a chat task (GSM8K question -> worked answer) -> distill five students from the raw student
+    (SFT, FKL, RKL, SeqKD, Delta-KD) -> ROUGE table on held-out questions. Every stage is a call of
+    train() with its own Config: the same loop and loss as a real run."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
     t_start, root = time.time(), cfg.out_dir
     os.makedirs(root, exist_ok=True)
     print(f"demo: no --student given, so running the embedded demo into {root}/ (see README)")
-    rows = [{"messages": data.to_messages(r)[:2]} for r in data.read_rows(DEMO["data"])]  # single-turn
-    train_rows, eval_rows = data.split_rows(rows, DEMO["eval_size"], cfg.seed)
-    texts = [m["content"] for r in train_rows for m in r["messages"]]
+    task = data.read_rows(DEMO["task_data"])
+    train_rows, eval_rows = data.split_rows(task, DEMO["eval_size"], cfg.seed)
+    english = [m["content"] for r in data.read_rows(DEMO["pretrain_data"]) for m in data.to_messages(r)]
 
-    # a small byte-level BPE with the ChatML special tokens, trained on the training split only
+    # a small byte-level BPE with the ChatML special tokens; held-out questions are never seen
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=DEMO["vocab_size"], special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
+    corpus = english + [r["question"] + "\n" + r["answer"] for r in train_rows]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=DEMO["vocab_size"], special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
     tok_path = os.path.join(root, "tokenizer.json")
     tok.save(tok_path)
 
@@ -638,10 +662,10 @@ def demo(cfg):
         with open(os.path.join(root, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rs)
         return os.path.join(root, name)
-    # pretraining text: every paragraph of the training split, as plain documents
-    paragraphs = [p for t in texts for p in t.split("\n") if len(p) > 40]
-    pretrain = write("pretrain.jsonl", [{"text": p} for p in paragraphs])
-    chat_train, chat_eval = write("chat_train.jsonl", train_rows), write("chat_eval.jsonl", eval_rows)
+    # pretraining: the English text packed into ~1,000-character documents (no chat format, no task data)
+    text = "\n\n".join(english)
+    pretrain = write("pretrain.jsonl", [{"text": text[i:i + 1000]} for i in range(0, len(text), 1000)])
+    chat_train, chat_eval = write("task_train.jsonl", train_rows), write("task_eval.jsonl", eval_rows)
 
     def init(name, arch, seed):
         c = qwen.QwenConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=DEMO["max_len"],
@@ -666,17 +690,19 @@ def demo(cfg):
         print(f"  {name:<18} {time.time() - t0:5.1f}s  " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         return checkpoints(c.out_dir)[-1]
 
+    # the raw models are evaluated on the task too: what finetuning and distillation start from
     raw_t = run("raw-teacher", student=init("init-teacher", DEMO["teacher"], cfg.seed), method="sft",
-                train_data=pretrain, **DEMO["pretrain"])
+                train_data=pretrain, eval_data=chat_eval, **DEMO["pretrain"])
     raw_s = run("raw-student", student=init("init-student", DEMO["student"], cfg.seed + 1), method="sft",
-                train_data=pretrain, **DEMO["pretrain"])
+                train_data=pretrain, eval_data=chat_eval, **DEMO["pretrain"])
     ft_t = run("teacher-ft", student=raw_t, method="sft", train_data=chat_train, eval_data=chat_eval,
                **DEMO["finetune"])
     for method in ("sft", "fkl", "rkl", "seqkd", "delta"):
         run(f"student-{method}", student=raw_s, teacher_ft=ft_t, teacher_raw=raw_t, method=method,
             train_data=chat_train, eval_data=chat_eval, **DEMO["distill"])
 
-    names = {"teacher-ft": "Teacher (finetuned)", "student-sft": "SFT", "student-fkl": "Forward KL",
+    names = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
+             "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD", "student-delta": f"Delta-KD (alpha={cfg.alpha})"}
     lines = ["| Method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |", "|---|---|---|---|---|"]
     for key, label in names.items():
@@ -695,9 +721,10 @@ def demo(cfg):
 
 def main(argv):
     cfg = parse_args(argv)
-    if not cfg.student:
-        return demo(cfg)
-    train(cfg)
+    try:
+        demo(cfg) if not cfg.student else train(cfg)
+    except (OSError, ValueError, KeyError) as e:  # bad files, rows, keys: one line that names them
+        sys.exit(f"error: {e}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

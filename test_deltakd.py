@@ -873,15 +873,22 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_the_demo_pipeline_runs_every_stage_and_writes_the_table(tmp_path, monkeypatch):
+def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identically(tmp_path, monkeypatch):
     # the real demo with every stage shrunk to a few steps; its full-size run is measured in the README
+    # (the teacher gets enough finetuning to answer with text, so SeqKD has something to learn from)
     small = dict(deltakd.DEMO, vocab_size=2000, eval_size=6, eval_max_new_tokens=6,
-                 pretrain=dict(max_steps=2, lr=1e-3, batch_size=4), finetune=dict(max_steps=2, lr=1e-3, batch_size=4),
+                 pretrain=dict(max_steps=2, lr=1e-3, batch_size=4), finetune=dict(max_steps=40, lr=1e-2, batch_size=8),
                  distill=dict(max_steps=2, lr=1e-3, batch_size=4))
     monkeypatch.setattr(deltakd, "DEMO", small)
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true"]))
-    assert set(results) == {"teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd", "student-delta"}
+    assert set(results) == {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl",
+                            "student-seqkd", "student-delta"}
     table = open(tmp_path / "results.md").read()
-    assert table.count("\n") == 8 and "Delta-KD" in table and "SeqKD" in table
+    assert table.count("\n") == 10 and "Delta-KD" in table and "SeqKD" in table
     seqkd = data.read_rows(str(tmp_path / "student-seqkd" / "seqkd_data.jsonl"))
     assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)
+    again = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'again'}", "--quiet=true"]))
+    assert again == results  # seeds fixed: a rerun gives the same table, and the same generated answers
+    for stage in results:
+        a, b = (open(d / stage / "eval-final.jsonl").read() for d in (tmp_path, tmp_path / "again"))
+        assert a == b and a

@@ -1,0 +1,251 @@
+"""
+Every speed and memory claim of deltakd, each measured side by side with its peer in the same run.
+
+    python bench.py                       # all: forward generate loss rouge step
+    python bench.py rouge loss            # some
+
+- forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
+- generate: greedy, batch 8, 128 new tokens, left-padded prompts of different lengths, vs HF generate.
+- loss:     chunked vs dense Delta-KD loss + backward from hidden states at vocab 151,936, hidden 1,536
+            (time in this process; peak memory of each in its own child process, from VmHWM).
+- rouge:    rouge.py vs rouge-score on 1,000 pairs of real answers, 4 types, stemming, numbers asserted equal.
+- step:     one Delta-KD training step vs one SFT step of the same student (the three frozen forwards' price).
+Timings are medians of interleaved repeats after a warm-up. Prints ratios (>1 means deltakd is faster).
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import data
+import deltakd
+import qwen
+import rouge
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def timeit(fns, repeats=5):
+    """{name: median seconds}; the candidates run interleaved so drift hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def hf_and_ours(cfg_kw, seed=0):
+    import transformers
+    torch.manual_seed(seed)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg_kw)).eval()
+    path = tempfile.mkdtemp()
+    hf.save_pretrained(path)
+    return hf, qwen.Qwen.from_pretrained(path).eval()
+
+
+MINI = dict(vocab_size=151936, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def bench_forward():
+    hf, ours = hf_and_ours(MINI)
+    x = torch.randint(0, 151665, (4, 256))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() < 1e-4
+        t = timeit({"transformers": lambda: hf(x).logits, "deltakd": lambda: ours(x)}, repeats=5)
+    tok = x.numel()
+    return (f"forward (B=4, T=256, fp32, {qwen.num_parameters(ours) / 1e6:.0f}M params): transformers "
+            f"{tok / t['transformers']:.0f} tok/s, deltakd {tok / t['deltakd']:.0f} tok/s -> "
+            f"{t['transformers'] / t['deltakd']:.2f}x")
+
+
+# the demo's teacher: small enough that per-step overhead, not reading weights, sets the speed
+DEMO_TEACHER = dict(vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096,
+                    **deltakd.DEMO["teacher"])
+
+
+def bench_generate():
+    lines = []
+    # bf16 is how Qwen checkpoints ship; at 108M on 2 cores both sides wait on the lm_head GEMV
+    for name, arch, dtype in [("demo teacher", DEMO_TEACHER, torch.float32), ("mini", MINI, torch.bfloat16),
+                              ("mini", MINI, torch.float32)]:
+        hf, ours = hf_and_ours(arch)
+        hf, ours = hf.to(dtype), ours.to(dtype)
+        g = torch.Generator().manual_seed(0)
+        V = min(arch["vocab_size"], 151665)
+        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (16, 23, 31, 40, 48, 55, 60, 64)]
+        P = max(map(len, prompts))
+        ids = torch.zeros(8, P, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+        eos, out = V - 1, {}
+
+        def run_hf():
+            out["hf"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=128, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=0)[:, P:].tolist()
+
+        def run_ours():
+            out["ours"] = ours.generate(prompts, 128, eos_token_id=eos, vocab_limit=V)
+        with torch.no_grad():
+            t = timeit({"transformers": run_hf, "deltakd": run_ours}, repeats=3)
+        rate_hf = sum(len(r) for r in out["hf"]) / t["transformers"]
+        rate = sum(len(r) for r in out["ours"]) / t["deltakd"]
+        same = sum(o == h[:len(o)] for o, h in zip(out["ours"], out["hf"]))
+        lines.append(f"generate {name} {qwen.num_parameters(ours) / 1e6:.1f}M params {str(dtype)[6:]} (greedy, batch 8, "
+                     f"128 new tokens, prompts 16-64 tokens): transformers {rate_hf:.0f} tok/s, deltakd "
+                     f"{rate:.0f} tok/s -> {rate / rate_hf:.2f}x ({same}/8 sequences identical)")
+    return "\n".join(lines)
+
+
+def loss_inputs(N, method, C=1536, V=151665, Vm=151936, Vt=152064, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, N + 1, C, generator=g) * 0.5
+    W = torch.randn(Vm, C, generator=g) * 0.05
+    labels = torch.randint(0, V, (1, N + 1), generator=g)  # every position after the first supervised
+    n_teachers = {"fkl": 1, "delta": 3}[method]
+    teachers = [(torch.randn(1, N + 1, C, generator=g) * 0.5, torch.randn(Vt, C, generator=g) * 0.05)
+                for _ in range(n_teachers)]
+    spec = dict(vocab=V, lam=0.5, alpha=1.0, temperature=1.0, divergence="fkl", chunk_size=512)
+    return h, W, labels, teachers, spec
+
+
+def loss_step(h, W, labels, teachers, spec):
+    h, W = h.detach().requires_grad_(), W.detach().requires_grad_()
+    loss, _, _, n = deltakd.distill_loss(h, W, labels, teachers, spec)
+    (loss / n).backward()
+    return loss
+
+
+def vm_hwm():
+    # peak RSS of this address space; unlike ru_maxrss it is not inherited across fork/exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
+def loss_child(impl, method, N):
+    # runs in its own process: peak RSS above the inputs, or "oom" under an address-space cap
+    h, W, labels, teachers, spec = loss_inputs(N, method)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS: the inputs' set-up transients do not count
+    base = vm_hwm()
+    limit = int(os.environ.get("BENCH_MEM_LIMIT", 0))
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        loss_step(h, W, labels, teachers, dict(spec, impl=impl))
+    except (RuntimeError, MemoryError):
+        print(json.dumps({"oom": True}))
+        return
+    print(json.dumps({"peak_gib": (vm_hwm() - base) / 2**30}))
+
+
+def child_peak(impl, method, N, limit_gib=20):
+    env = dict(os.environ, BENCH_MEM_LIMIT=str(limit_gib * 2**30))
+    r = subprocess.run([sys.executable, __file__, "_loss_child", impl, method, str(N)], cwd=HERE, env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        return {"oom": True}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_loss():
+    lines = []
+    for method in ("fkl", "delta"):
+        N = 1024
+        h, W, labels, teachers, spec = loss_inputs(N, method)
+        a = loss_step(h, W, labels, teachers, dict(spec, impl="chunked"))
+        b = loss_step(h, W, labels, teachers, dict(spec, impl="dense"))
+        assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
+        t = timeit({"dense": lambda: loss_step(h, W, labels, teachers, dict(spec, impl="dense")),
+                    "chunked": lambda: loss_step(h, W, labels, teachers, dict(spec, impl="chunked"))}, repeats=2)
+        mem = {(impl, n): child_peak(impl, method, n) for impl in ("chunked", "dense") for n in (1024, 4096)}
+        fmt = lambda m: "does not fit (>20 GiB)" if m.get("oom") else f"{m['peak_gib']:.2f} GiB"  # noqa: E731
+        lines.append(f"loss {method} (V 151,936, C 1,536, fp32): time at {N} tokens dense {t['dense']:.1f}s, "
+                     f"chunked {t['chunked']:.1f}s -> chunked/dense {t['chunked'] / t['dense']:.2f}x; peak memory "
+                     + "; ".join(f"{n} tokens dense {fmt(mem['dense', n])} chunked {fmt(mem['chunked', n])}"
+                                 for n in (1024, 4096)))
+        d, c = mem["dense", 1024], mem["chunked", 1024]
+        if not d.get("oom"):
+            lines[-1] += f" (chunked/dense at 1024: {c['peak_gib'] / d['peak_gib']:.2f})"
+    return "\n".join(lines)
+
+
+def bench_rouge():
+    from rouge_score import rouge_scorer
+    rows = data.read_rows(os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"))
+    answers = [m["content"] for r in rows for m in data.to_messages(r) if m["role"] == "assistant"]
+    long = [a for a in answers if len(rouge.tokenize(a, False)) >= 150]  # multi-paragraph answers
+    pairs = [(long[i % len(long)], long[(i + 1 + i // len(long)) % len(long)]) for i in range(1000)]
+    types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    oracle, ours = rouge_scorer.RougeScorer(types, use_stemmer=True), rouge.RougeScorer(types, use_stemmer=True)
+    t0 = time.perf_counter()
+    want = [oracle.score(a, b) for a, b in pairs]
+    t1 = time.perf_counter()
+    rouge._stem_cache.clear()  # a cold cache: the stems are computed inside the timed run
+    got = [ours.score(a, b) for a, b in pairs]
+    t2 = time.perf_counter()
+    assert all(tuple(g[k]) == tuple(w[k]) for g, w in zip(got, want) for k in types)
+    n_tok = statistics.mean(len(rouge.tokenize(a, False)) for a, _ in pairs)
+    return (f"rouge (1,000 real answer pairs, mean {n_tok:.0f} tokens, 4 types, stemmed, identical numbers): "
+            f"rouge-score {t1 - t0:.2f}s, deltakd {t2 - t1:.2f}s -> {(t1 - t0) / (t2 - t1):.1f}x")
+
+
+def bench_step():
+    # a student and teachers about 2x wider, with Qwen's real vocab sizes, fp32 on CPU; batch 4 x 256
+    path = tempfile.mkdtemp()
+    arch = dict(intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    models = {}
+    for name, hidden, vocab, seed in [("student", 256, 151936, 0), ("teacher_ft", 512, 152064, 1),
+                                      ("teacher_raw", 512, 152064, 2)]:
+        c = qwen.QwenConfig(vocab_size=vocab, hidden_size=hidden, tie_word_embeddings=name == "student", **arch)
+        qwen.save_pretrained(qwen.init_weights(qwen.Qwen(c), seed=seed), os.path.join(path, name))
+    student = qwen.Qwen.from_pretrained(os.path.join(path, "student")).train()
+    frozen = {r: qwen.Qwen.from_pretrained(os.path.join(path, n)).eval().requires_grad_(False)
+              for r, n in [("teacher_ft", "teacher_ft"), ("teacher_raw", "teacher_raw"), ("student_raw", "student")]}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 151665, (4, 256), generator=g)
+    labels = ids.clone()
+    labels[:, :64] = data.IGNORE_INDEX  # a prompt
+    spec = dict(vocab=151665, alpha=1.0, temperature=1.0, divergence="fkl", chunk_size=512, impl="chunked")
+
+    def step(roles, lam):
+        loss, _, _, n = deltakd.forward_loss(student, student, frozen, roles, ids, labels, dict(spec, lam=lam))
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t = timeit({"sft": lambda: step([], 1.0),
+                "delta": lambda: step(["teacher_ft", "teacher_raw", "student_raw"], 0.5)}, repeats=3)
+    return (f"train step (student 256x4, teachers 512x4, batch 4x256, fp32): SFT {t['sft']:.2f}s, "
+            f"Delta-KD {t['delta']:.2f}s -> Delta-KD/SFT {t['delta'] / t['sft']:.2f}x")
+
+
+BENCHES = {"forward": bench_forward, "generate": bench_generate, "loss": bench_loss, "rouge": bench_rouge,
+           "step": bench_step}
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_loss_child"]:
+        loss_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit()
+    names = sys.argv[1:] or list(BENCHES)
+    unknown = set(names) - set(BENCHES)
+    if unknown:
+        sys.exit(f"unknown bench {sorted(unknown)}; choose from {list(BENCHES)}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for name in names:
+        print(BENCHES[name](), flush=True)
