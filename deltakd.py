@@ -294,7 +294,7 @@ def needed_models(cfg):
 
 def check_inputs(cfg):
     """Everything that can be checked before loading weights: paths, tokenizer agreement, vocab sizes,
-    an output directory we can write. Returns the tokenizer."""
+    an output directory we can write. Returns the tokenizer and its path."""
     dirs = {"student": cfg.student, **needed_models(cfg)}
     for role, path in dirs.items():
         if not path:
@@ -325,7 +325,7 @@ def check_inputs(cfg):
             pass
     except OSError as e:
         raise SystemExit(f"--out_dir={cfg.out_dir} is not writable: {e}") from None
-    return tokenizer
+    return tokenizer, tok_path
 
 
 def load_data(cfg):
@@ -483,8 +483,7 @@ def train(cfg):
     """One run of the configured method; returns the final evaluation scores (rank 0) or {}."""
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
-    tokenizer = check_inputs(cfg)
-    tok_path = cfg.tokenizer or os.path.join(cfg.student, "tokenizer.json")
+    tokenizer, tok_path = check_inputs(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -524,8 +523,7 @@ def train(cfg):
     spec = dict(vocab=tokenizer.get_vocab_size(), lam=lam, alpha=cfg.alpha, temperature=cfg.temperature,
                 divergence="rkl" if cfg.method == "rkl" else cfg.divergence if cfg.method == "delta" else "fkl",
                 chunk_size=cfg.chunk_size, impl=cfg.loss_impl)
-    teacher_roles = {"fkl": ["teacher_ft"], "rkl": ["teacher_ft"],
-                     "delta": ["teacher_ft", "teacher_raw", "student_raw"]}.get(cfg.method, [])
+    teacher_roles = list(frozen)  # [ft] or [ft, raw teacher, raw student]: the order chunk_loss expects
 
     step = 0
     if cfg.resume and checkpoints(cfg.out_dir):
