@@ -77,7 +77,7 @@ class Config:
     zero: bool = False          # shard AdamW state across ranks (ZeroRedundancyOptimizer)
     grad_checkpointing: bool = False
     loss_impl: str = "chunked"  # chunked (memory-flat) | dense (full logits, for checking)
-    chunk_size: int = 512       # supervised tokens per loss chunk: ~6 (chunk, vocab) fp32 buffers live
+    chunk_size: int = 512       # supervised tokens per loss chunk: ~8 (chunk, vocab) fp32 buffers live
     teacher_dtype: str = "bfloat16"  # frozen models; the student trains in fp32 (bf16 autocast on CUDA)
     # evaluation (ROUGE of greedy answers on held-out prompts)
     eval_every: int = 0         # 0: only at the end
@@ -339,14 +339,12 @@ def load_data(cfg):
     return train_rows, eval_rows
 
 
-def encode(cfg, rows, tokenizer, source, rank, world):
+def encode(cfg, rows, tokenizer, source, rank):
     examples, stats = data.encode_rows(rows, tokenizer, cfg.max_len, cfg.system_prompt, cfg.skip_bad_rows, source)
     if not examples:
         raise SystemExit(f"{source}: no example has a supervised (assistant) token within max_len={cfg.max_len}")
     if rank == 0 and not cfg.quiet:
-        lengths = [len(ids) for ids, _ in examples]
-        batches = data.make_batches(lengths, cfg.batch_size, cfg.seed, 0, world * cfg.grad_accum)
-        print(f"data {source}: {stats}, padding {data.padding_fraction(batches, lengths):.1%} of batch tokens")
+        print(f"data {source}: {stats}")
     return examples
 
 
@@ -493,7 +491,7 @@ def train(cfg):
     train_rows, eval_rows = load_data(cfg)
     if cfg.method == "seqkd":
         train_rows = seqkd_rows(cfg, train_rows, tokenizer, device, rank, world)
-    examples = encode(cfg, train_rows, tokenizer, cfg.train_data, rank, world)
+    examples = encode(cfg, train_rows, tokenizer, cfg.train_data, rank)
     prompts, refs, _ = data.eval_pairs(eval_rows, tokenizer, cfg.system_prompt, cfg.max_len)
     lengths = [len(ids) for ids, _ in examples]
 
@@ -516,8 +514,10 @@ def train(cfg):
         optimizer = torch.optim.AdamW(groups, **adam)
 
     per_step = world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
-    n_batches = len(data.make_batches(lengths, cfg.batch_size, cfg.seed, 0, per_step))
-    steps_per_epoch = n_batches // per_step
+    epoch_batches = (0, data.make_batches(lengths, cfg.batch_size, cfg.seed, 0, per_step))
+    steps_per_epoch = len(epoch_batches[1]) // per_step
+    if master and not cfg.quiet:
+        print(f"padding: {data.padding_fraction(epoch_batches[1], lengths):.1%} of batch tokens")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     lam = 1.0 if cfg.method in ("sft", "seqkd") else cfg.lam
     spec = dict(vocab=tokenizer.get_vocab_size(), lam=lam, alpha=cfg.alpha, temperature=cfg.temperature,
@@ -544,7 +544,7 @@ def train(cfg):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     pad_id = tokenizer.token_to_id("<|endoftext|>")
     model.train()
-    t_start, epoch_batches, scores = time.time(), (None, None), {}
+    t_start, scores = time.time(), {}
     while step < total:
         t0 = time.time()
         # the data position is a function of the step: resuming at step s replays nothing and skips nothing
@@ -720,7 +720,10 @@ def demo(cfg):
 def main(argv):
     cfg = parse_args(argv)
     try:
-        demo(cfg) if not cfg.student else train(cfg)
+        if cfg.student:
+            train(cfg)
+        else:
+            demo(cfg)
     except (OSError, ValueError, KeyError) as e:  # bad files, rows, keys: one line that names them
         sys.exit(f"error: {e}")
     if dist.is_initialized():
