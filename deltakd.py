@@ -16,6 +16,7 @@ alpha = 0 is forward-KL distillation from the finetuned teacher; lam = 1 is SFT.
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclasses.dataclass
 class Config:
-    # models (HF-format directories). delta loads all three; fkl/rkl/seqkd the finetuned teacher; sft none
+    # models (HF-format directories); which ones a method loads is in METHODS below
     student: str = ""           # raw student: the initialisation, and pi_s^raw for delta. Empty: run the demo
     teacher_ft: str = ""        # finetuned teacher pi_t^ft (e.g. Qwen2.5-7B-Instruct)
     teacher_raw: str = ""       # raw teacher pi_t^raw (e.g. Qwen2.5-7B)
@@ -51,17 +53,25 @@ class Config:
     tokenizer: str = ""         # tokenizer.json; default: the one in --student
     # data
     train_data: str = ""        # .jsonl / .json / .parquet (formats: see data.py)
+    max_rows: int = 0           # use only the first max_rows rows of train_data (0: all)
     eval_data: str = ""         # held-out file; empty: hold out eval_size rows of train_data
     eval_size: int = 64
     max_len: int = 1024         # tokens per example, longer ones are truncated
     system_prompt: str = data.SYSTEM_PROMPT_BASE
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
+    cache_dir: str = ""         # token caches (tokenized once, shared by runs on the same data); default out_dir/cache
     # method
-    method: str = "delta"       # sft | fkl | rkl | delta | seqkd
-    divergence: str = "fkl"     # for delta: fkl = KL(pi* || pi_theta) (the paper), rkl = KL(pi_theta || pi*)
+    method: str = "delta"       # sft | fkl | rkl | delta | seqkd (see METHODS)
+    divergence: str = "fkl"     # delta only: fkl = KL(pi* || pi_theta) (the paper), rkl = KL(pi_theta || pi*)
     lam: float = 0.5            # weight of the SFT term (forced to 1 for sft and seqkd)
     alpha: float = 1.0          # strength of the finetuning shift
     temperature: float = 1.0
+    # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
+    targets_dir: str = ""       # empty: frozen models run live at every step
+    topk: int = 64              # target probabilities kept per supervised token (+ the mass of the rest)
+    targets_dtype: str = "float32"  # storage of the top-k log-probabilities: float32 | float16
+    targets_shard: int = 256    # examples per shard file (the unit an interrupted pass resumes from)
+    targets_only: bool = False  # compute the stored targets and stop (e.g. on other GPUs, before training)
     # optimisation
     batch_size: int = 4         # sequences per micro-batch per rank
     grad_accum: int = 1         # micro-batches per rank per optimizer step
@@ -78,7 +88,8 @@ class Config:
     grad_checkpointing: bool = False
     loss_impl: str = "chunked"  # chunked (memory-flat) | dense (full logits, for checking)
     chunk_size: int = 512       # supervised tokens per loss chunk: ~8 (chunk, vocab) fp32 buffers live
-    teacher_dtype: str = "bfloat16"  # frozen models; the student trains in fp32 (bf16 autocast on CUDA)
+    teacher_dtype: str = "bfloat16"  # frozen models; the student trains in fp32
+    autocast: str = "auto"      # bf16 | none; auto: bf16 on CUDA, none on CPU
     # evaluation (ROUGE of greedy answers on held-out prompts)
     eval_every: int = 0         # 0: only at the end
     eval_max_new_tokens: int = 256
@@ -94,9 +105,28 @@ class Config:
     quiet: bool = False         # no per-step lines (metrics.jsonl is still written)
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+    frozen: tuple = ()          # frozen models the loss reads, by role
+    divergence: str = ""        # fixed divergence; "flag": --divergence; "": no KD term
+    lam: float | None = None    # forced lambda; None: --lam
+    generator: str = ""         # seqkd: the model whose greedy answers replace the training answers
+
+
+# the one table of methods: everything else reads it
+METHODS = {
+    "sft": Method(lam=1.0),
+    "fkl": Method(frozen=("teacher_ft",), divergence="fkl"),
+    "rkl": Method(frozen=("teacher_ft",), divergence="rkl"),
+    "delta": Method(frozen=("teacher_ft", "teacher_raw", "student_raw"), divergence="flag"),
+    "seqkd": Method(lam=1.0, generator="teacher_ft"),
+}
+
+
 def parse_args(argv, cfg=None):
     cfg = cfg or Config()
     types = {f.name: f.type for f in dataclasses.fields(Config)}
+    given = set()
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"arguments are --key=value, got {arg!r}")
@@ -114,24 +144,66 @@ def parse_args(argv, cfg=None):
         except ValueError:
             raise SystemExit(f"--{key}={val}: expected {typ.__name__}") from None
         setattr(cfg, key, v)
-    if cfg.method not in ("sft", "fkl", "rkl", "delta", "seqkd"):
-        raise SystemExit(f"--method={cfg.method}: expected sft, fkl, rkl, delta or seqkd")
-    if cfg.divergence not in ("fkl", "rkl") or cfg.loss_impl not in ("chunked", "dense"):
-        raise SystemExit("--divergence is fkl or rkl; --loss_impl is chunked or dense")
+        given.add(key)
+    if cfg.method not in METHODS:
+        raise SystemExit(f"--method={cfg.method}: expected one of {', '.join(METHODS)}")
+    method = METHODS[cfg.method]
+    if "divergence" in given and method.divergence != "flag":
+        raise SystemExit(f"--divergence has no effect with --method={cfg.method} (only delta takes it)")
+    if cfg.divergence not in DIVERGENCES or cfg.loss_impl not in ("chunked", "dense"):
+        raise SystemExit(f"--divergence is one of {', '.join(DIVERGENCES)}; --loss_impl is chunked or dense")
     if not 0.0 <= cfg.lam <= 1.0 or cfg.temperature <= 0:
         raise SystemExit("--lam must be in [0, 1] and --temperature > 0")
+    if cfg.targets_dir and not method.frozen:
+        raise SystemExit(f"--targets_dir has no effect with --method={cfg.method} (no teacher distribution)")
+    if cfg.targets_dtype not in ("float32", "float16") or cfg.autocast not in ("auto", "bf16", "none"):
+        raise SystemExit("--targets_dtype is float32 or float16; --autocast is auto, bf16 or none")
     return cfg
 
 # -----------------------------------------------------------------------------
-# the loss: pure functions on logits (the reference), then the chunked path used in training
+# the loss. Each formula once: the target's logits, each divergence, the SFT term; the dense
+# reference, the chunked path and the stored-target path all call these.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    vocab: int                  # the tokenizer's real tokens: logits are sliced to these before any arithmetic
+    lam: float = 0.5
+    alpha: float = 1.0
+    temperature: float = 1.0
+    divergence: str = "fkl"
+    chunk_size: int = 512
+    impl: str = "chunked"
+
+
+def target_logits(z, alpha):
+    """The target's logits (before / tau) from the frozen models' logits by role: z_ft for fkl/rkl,
+    and for Delta-KD z_ft + alpha (z_s^raw - z_t^raw), whose softmax at tau is
+    pi_t^ft (pi_s^raw / pi_t^raw)^alpha / Z with every pi = softmax(z / tau). A new shift operator
+    goes here."""
+    if "teacher_raw" not in z:
+        return z["teacher_ft"].float()
+    shift = z["student_raw"].float() - z["teacher_raw"].float()  # a fresh buffer: safe to update in place
+    return shift.mul_(alpha).add_(z["teacher_ft"].float())
+
+
+def forward_kl(logp, logq):
+    """KL(p || q) per row from log-probabilities over the same support (vocabulary, or K+1 buckets)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def reverse_kl(logp, logq):
+    """KL(q || p) per row, as forward_kl."""
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+DIVERGENCES = {"fkl": forward_kl, "rkl": reverse_kl}  # a new divergence: a function here (autograd does its gradient)
 
 
 def delta_kd_target(ft_teacher_logits, raw_teacher_logits, raw_student_logits, alpha, temperature):
-    """float32 log pi*, pi* = softmax((z_ft + alpha (z_s^raw - z_t^raw)) / tau) over the last dim, which
-    equals pi_t^ft (pi_s^raw / pi_t^raw)^alpha / Z with every pi = softmax(z / tau). All three
-    logits must already be sliced to the tokenizer's real tokens."""
-    z = ft_teacher_logits.float() + alpha * (raw_student_logits.float() - raw_teacher_logits.float())
-    return F.log_softmax(z / temperature, dim=-1)
+    """float32 log pi* from the three models' logits (already sliced to the real tokens)."""
+    z = {"teacher_ft": ft_teacher_logits, "teacher_raw": raw_teacher_logits, "student_raw": raw_student_logits}
+    return F.log_softmax(target_logits(z, alpha) / temperature, dim=-1)
 
 
 def shift_labels(labels):
@@ -142,37 +214,96 @@ def shift_labels(labels):
 
 
 def kd_loss(student_logits, target_logprobs, labels, divergence="fkl", temperature=1.0):
-    """Sum over supervised positions of KL(p || q) (fkl) or KL(q || p) (rkl), where p = exp(target_logprobs)
-    and q = softmax(student_logits / tau); logits (B, T, V) aligned with labels (B, T). Returns
+    """Sum over supervised positions of DIVERGENCES[divergence](p, q), p = exp(target_logprobs),
+    q = softmax(student_logits / tau); logits (B, T, V) aligned with labels (B, T). Returns
     (sum, count): the caller divides once by the global count. No tau^2 factor."""
     mask, _ = shift_labels(labels)
-    z = student_logits[:, :-1][mask].float()
-    logp = target_logprobs[:, :-1][mask].float()
-    logq = F.log_softmax(z / temperature, dim=-1)
-    if divergence == "fkl":
-        per_token = (logp.exp() * (logp - logq)).sum(-1)
-    else:
-        per_token = (logq.exp() * (logq - logp)).sum(-1)
-    return per_token.sum(), mask.sum()
+    logq = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
+    return DIVERGENCES[divergence](target_logprobs[:, :-1][mask].float(), logq).sum(), mask.sum()
 
 
 def sft_loss(student_logits, labels):
     """Sum of -log softmax(z)[y] over supervised positions, and their count."""
     mask, targets = shift_labels(labels)
-    z = student_logits[:, :-1][mask].float()
-    return F.cross_entropy(z, targets, reduction="sum"), mask.sum()
+    return F.cross_entropy(student_logits[:, :-1][mask].float(), targets, reduction="sum"), mask.sum()
+
+
+class StoredTarget(NamedTuple):
+    """A target kept as its K most probable ids, their log-probabilities and the log of the rest's mass
+    (one row per supervised position). The divergence is then taken over K+1 buckets {id_1..id_K,
+    everything else}: by the log-sum inequality a lower bound of the exact one, equal to it when the
+    rest is empty (K = vocabulary)."""
+    ids: torch.Tensor       # (N, K) int64
+    logp: torch.Tensor      # (N, K) float32
+    log_rest: torch.Tensor  # (N,) float32, >= LOG_FLOOR
+
+    def __getitem__(self, s):
+        return StoredTarget(self.ids[s], self.logp[s], self.log_rest[s])
+
+
+LOG_FLOOR = -1e4  # log of an empty bucket: finite, so 0 * (log p - log q) stays 0
+
+
+def topk_target(target_logits_tau, k):
+    """The StoredTarget of logits already divided by tau: what the target pass writes."""
+    logp = F.log_softmax(target_logits_tau.float(), dim=-1)
+    top, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    rest = logp.scatter(1, ids, float("-inf")).logsumexp(-1).clamp(min=LOG_FLOOR)
+    return StoredTarget(ids, top, rest)
+
+
+def bucket_logq(logq, target):
+    # the student's log-probabilities over the stored target's K+1 buckets; the rest from its own sum
+    lq = logq.gather(1, target.ids)
+    rest = (1 - lq.double().exp().sum(-1)).clamp(min=1e-300).log().float().clamp(min=LOG_FLOOR)
+    return torch.cat([lq, rest[:, None]], 1)
+
+
+def chunk_loss(z, targets, target, spec):
+    """One chunk: z (n, V) fp32 student logits, targets (n,) ids; target None (SFT), (n, V) target
+    logits, or a StoredTarget. Returns the loss, its SFT and KD sums and dloss/dz (n, V).
+    Gradients: SFT softmax(z) - onehot(y); forward KL in closed form, (q - p~) / tau with p~ the
+    target spread over the vocabulary (the stored rest shared in proportion to q); any other
+    divergence by autograd on this chunk alone, so memory stays flat."""
+    lam, tau = spec.lam, spec.temperature
+    logq = F.log_softmax(z / tau, dim=-1)
+    logq1 = logq if tau == 1.0 else F.log_softmax(z, dim=-1)  # the SFT term is at tau = 1
+    sft = -logq1.gather(1, targets[:, None]).sum()
+    dz = logq1.exp().mul_(lam)
+    dz[torch.arange(len(targets)), targets] -= lam
+    if target is None:
+        return lam * sft, sft, torch.zeros_like(sft), dz
+    stored = isinstance(target, StoredTarget)
+    logp = torch.cat([target.logp, target.log_rest[:, None]], 1) if stored else F.log_softmax(target / tau, dim=-1)
+    divergence = DIVERGENCES[spec.divergence]
+    logq_kd = bucket_logq(logq, target) if stored else logq
+    kd = divergence(logp, logq_kd).sum()
+    if divergence is forward_kl:
+        q = logq.exp()
+        if stored:  # p~ = p_k on the stored ids, q_j p_rest / q_rest elsewhere
+            p_tilde = q * (target.log_rest - logq_kd[:, -1]).exp()[:, None]
+            p_tilde.scatter_(1, target.ids, target.logp.exp())
+        else:
+            p_tilde = logp.exp_()
+        dkd = q.sub_(p_tilde).div_(tau)
+    else:
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_()
+            lq = F.log_softmax(zz / tau, dim=-1)
+            (dkd,) = torch.autograd.grad(divergence(logp, bucket_logq(lq, target) if stored else lq).sum(), zz)
+    dz.add_(dkd, alpha=1 - lam)
+    return lam * sft + (1 - lam) * kd, sft, kd, dz
 
 
 class ChunkedDistillLoss(torch.autograd.Function):
     """lam * SFT + (1 - lam) * KD summed over N supervised positions, from final hidden states, holding
-    one chunk of (chunk, vocab) logits at a time. The gradient w.r.t. the student's logits is
-    closed-form ((softmax(z) - onehot) for SFT, (q - p*)/tau for forward KL), so it is computed
-    while the chunk is live and projected onto the hidden states and the lm_head right away:
-    backward only scales the stored gradients, and no logits are ever recomputed or stored."""
+    one chunk of (chunk, vocab) logits at a time. chunk_loss gives dloss/dz while the chunk is live;
+    it is projected onto the hidden states and the lm_head right away, so backward only scales the
+    stored gradients, and no logits are ever recomputed or stored."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, teachers, spec):
-        V, chunk = spec["vocab"], spec["chunk_size"]
+    def forward(ctx, h, weight, targets, target, spec):
+        V, chunk = spec.vocab, spec.chunk_size
         need_grad = h.requires_grad or weight.requires_grad  # grad mode itself is off in here
         W = weight[:V]  # the real tokens only: Qwen's padded rows never enter a softmax
         # fp32 gradient buffers; padded vocab rows stay zero
@@ -182,9 +313,12 @@ class ChunkedDistillLoss(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
             z = (hc @ W.to(hc.dtype).T).float()  # (n, V) student logits
-            loss, sft, kd, dz = chunk_loss(z, targets[s:s + chunk], [(t[s:s + chunk], w[:V]) for t, w in teachers],
-                                           spec)
-            del z
+            if isinstance(target, dict):  # live frozen models: {role: (hidden (N, C_t), head (V_t, C_t))}
+                t = chunk_target(target, s, s + chunk, spec)
+            else:
+                t = None if target is None else target[s:s + chunk]
+            loss, sft, kd, dz = chunk_loss(z, targets[s:s + chunk], t, spec)
+            del z, t
             totals += torch.stack([loss, sft, kd]).double()
             if need_grad:
                 dz = dz.to(hc.dtype)
@@ -206,61 +340,37 @@ class ChunkedDistillLoss(torch.autograd.Function):
         return grad_h.mul_(g).to(ctx.dtypes[0]), grad_W.mul_(g).to(ctx.dtypes[1]), None, None, None
 
 
-def chunk_loss(z, targets, teachers, spec):
-    """One chunk: z (n, V) fp32 student logits, targets (n,), teachers [(hidden (n, C_t), head (V, C_t))]:
-    [] for sft, [ft] for fkl/rkl, [ft, raw_t, raw_s] for delta. Returns the loss, its SFT and KD
-    sums and dloss/dz (n, V)."""
-    lam, tau = spec["lam"], spec["temperature"]
-    logits_of = lambda h, w: (h @ w.T).float()  # noqa: E731
-    # SFT at tau = 1: d/dz = softmax(z) - onehot(y)
-    logq1 = F.log_softmax(z, dim=-1)
-    sft = -logq1.gather(1, targets[:, None]).sum()
-    dz = logq1.exp_().mul_(lam)
-    dz[torch.arange(len(targets)), targets] -= lam
-    del logq1
-    if not teachers:
-        return lam * sft, sft, torch.zeros_like(sft), dz
-    zt = logits_of(*teachers[0])
-    if len(teachers) == 3:  # delta: z_ft + alpha (z_s^raw - z_t^raw)
-        zt.add_(logits_of(*teachers[2]), alpha=spec["alpha"]).sub_(logits_of(*teachers[1]), alpha=spec["alpha"])
-    logp = F.log_softmax(zt.div_(tau), dim=-1)
-    del zt
-    logq = F.log_softmax(z / tau, dim=-1)
-    q = logq.exp()
-    if spec["divergence"] == "fkl":  # KL(p || q); d/dz = (q - p) / tau
-        p = logp.exp()
-        kd = (p * (logp - logq)).sum()
-        dkd = q.sub_(p)
-    else:  # KL(q || p); d/dz_k = q_k (d_k - sum_j q_j d_j) / tau with d = log q - log p
-        d = logq.sub_(logp)
-        qd = q * d
-        kd = qd.sum()
-        dkd = qd.sub_(q * qd.sum(-1, keepdim=True))
-    dz.add_(dkd, alpha=(1 - lam) / tau)
-    return lam * sft + (1 - lam) * kd, sft, kd, dz
+def chunk_target(live, s, e, spec):
+    # target logits (before / tau) of rows s:e from the frozen models' hidden states and heads, by role
+    return target_logits({r: (h[s:e] @ w[:spec.vocab].T).float() for r, (h, w) in live.items()}, spec.alpha)
 
 
-def distill_loss(h, weight, labels, teachers, spec):
+def distill_loss(h, weight, labels, target, spec):
     """(loss_sum, sft_sum, kd_sum, count) over the supervised positions of a batch. h (B, T, C) student
-    final hidden states, weight its lm_head, labels (B, T), teachers [(hidden (B, T, C_t), head
-    weight)] as in chunk_loss. spec["impl"]: "chunked" (default, memory-flat) or "dense" (full
-    (B, T, V) logits through the pure functions above; the reference the chunked path must equal)."""
-    V, lam = spec["vocab"], spec["lam"]
+    final hidden states, weight its lm_head, labels (B, T); target: None (SFT), {role: (hidden
+    (B, T, C_t), head weight)} of the frozen models, or a StoredTarget with one row per supervised
+    position (in the order of shift_labels' mask). spec.impl "chunked" (memory-flat) or "dense"
+    (full (B, T, V) logits through the pure functions above: the reference the chunked path equals)."""
+    V, lam = spec.vocab, spec.lam
     mask, targets = shift_labels(labels)
-    if spec["impl"] == "chunked":
-        sel = [(t[:, :-1][mask], w) for t, w in teachers]
+    if spec.impl == "chunked" or isinstance(target, StoredTarget):
+        sel = {r: (t[:, :-1][mask], w) for r, (t, w) in target.items()} if isinstance(target, dict) else target
         return (*ChunkedDistillLoss.apply(h[:, :-1][mask], weight, targets, sel, spec), mask.sum())
     z = (h @ weight[:V].T).float()  # (B, T, V)
     sft, n = sft_loss(z, labels)
-    if not teachers:
+    if target is None:
         return lam * sft, sft.detach(), torch.zeros_like(sft), n
-    zs = [(t @ w[:V].T).float() for t, w in teachers]
-    if len(zs) == 3:
-        target = delta_kd_target(zs[0], zs[1], zs[2], spec["alpha"], spec["temperature"])
-    else:
-        target = F.log_softmax(zs[0] / spec["temperature"], dim=-1)
-    kd, _ = kd_loss(z, target, labels, spec["divergence"], spec["temperature"])
+    t = target_logits({r: (th @ tw[:V].T).float() for r, (th, tw) in target.items()}, spec.alpha)
+    kd, _ = kd_loss(z, F.log_softmax(t / spec.temperature, dim=-1), labels, spec.divergence, spec.temperature)
     return lam * sft + (1 - lam) * kd, sft.detach(), kd.detach(), n
+
+
+def loss_spec(cfg, vocab):
+    method = METHODS[cfg.method]
+    divergence = cfg.divergence if method.divergence == "flag" else method.divergence or "fkl"
+    return LossSpec(vocab=vocab, lam=cfg.lam if method.lam is None else method.lam, alpha=cfg.alpha,
+                    temperature=cfg.temperature, divergence=divergence, chunk_size=cfg.chunk_size,
+                    impl=cfg.loss_impl)
 
 # -----------------------------------------------------------------------------
 # distributed set-up, models, data
@@ -287,8 +397,8 @@ def all_reduce(x):
 
 def needed_models(cfg):
     # role -> directory; only what the method needs is loaded
-    roles = {"sft": [], "fkl": ["teacher_ft"], "rkl": ["teacher_ft"], "seqkd": ["teacher_ft"],
-             "delta": ["teacher_ft", "teacher_raw", "student_raw"]}[cfg.method]
+    method = METHODS[cfg.method]
+    roles = method.frozen + ((method.generator,) if method.generator else ())
     return {role: (cfg.student_raw or cfg.student) if role == "student_raw" else getattr(cfg, role) for role in roles}
 
 
@@ -328,56 +438,236 @@ def check_inputs(cfg):
     return tokenizer, tok_path
 
 
-def load_data(cfg):
-    train_rows = data.read_rows(cfg.train_data)
-    if cfg.eval_data:
-        eval_rows = data.read_rows(cfg.eval_data)
-    elif cfg.eval_size > 0:
-        train_rows, eval_rows = data.split_rows(train_rows, cfg.eval_size, cfg.seed)
+def wait_until(ready, what, rank, every=300):
+    """Polls the file system until ready() is true. Not a collective: a wait on a build that takes
+    hours outlives NCCL's 10-minute timeout. If the builder dies, torchrun stops this rank too."""
+    t0 = time.time()
+    while not ready():
+        if rank == 1 and (time.time() - t0) // every != (time.time() - t0 - 1) // every:
+            print(f"rank {rank}: waiting for {what} ({time.time() - t0:.0f}s so far)", flush=True)
+        time.sleep(1)
+
+
+def token_cache(cfg, path, tok_path, tokenizer, rank):
+    """The TokenCache of a data file: built by rank 0 if no complete one exists, memory-mapped by all."""
+    key = data.cache_key(path, tok_path, cfg.max_len, cfg.system_prompt, cfg.max_rows, cfg.skip_bad_rows)
+    root = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
+    where = data.cache_dir_for(root, key)
+    log = print if rank == 0 and not cfg.quiet else None
+    if rank == 0:
+        why = data.check_cache(where, key)
+        if why:
+            if os.path.exists(where):
+                print(f"token cache {where}: {why}; rebuilding it", flush=True)
+            elif log:
+                log(f"token cache: tokenizing {path} into {where}")
+            stats = data.build_cache(path, tokenizer, where, key, cfg.max_len, cfg.system_prompt, cfg.max_rows,
+                                     cfg.skip_bad_rows, log)
+            with open(os.path.join(root, "build.log"), "a") as f:  # one line per build: who built what, when
+                f.write(json.dumps({"cache": os.path.basename(where), "time": time.time(), "pid": os.getpid(),
+                                    "host": os.uname().nodename, **stats}) + "\n")
     else:
-        eval_rows = []
-    return train_rows, eval_rows
+        if rank == 1:
+            print(f"rank 1: waiting for rank 0 to build or check the token cache {where}", flush=True)
+        wait_until(lambda: data.check_cache(where, key) is None, f"the token cache {where}", rank)
+    cache = data.TokenCache(where)
+    if log:
+        log(f"data {path}: {cache.meta['stats']} (cache {where})")
+    if len(cache) == 0:
+        raise SystemExit(f"{path}: no example has a supervised (assistant) token within max_len={cfg.max_len}")
+    return cache
 
 
-def encode(cfg, rows, tokenizer, source, rank):
-    examples, stats = data.encode_rows(rows, tokenizer, cfg.max_len, cfg.system_prompt, cfg.skip_bad_rows, source)
-    if not examples:
-        raise SystemExit(f"{source}: no example has a supervised (assistant) token within max_len={cfg.max_len}")
-    if rank == 0 and not cfg.quiet:
-        print(f"data {source}: {stats}")
-    return examples
+def load_data(cfg, tokenizer, tok_path, rank, world, device):
+    """(cache, training example indices, evaluation rows). The held-out rows are chosen by seed among the
+    file's rows (data.held_out_rows) and read back from the file alone; the cache is shared by
+    every split."""
+    cache = token_cache(cfg, cfg.train_data, tok_path, tokenizer, rank)
+    if cfg.eval_data or cfg.eval_size <= 0:
+        train_idx = np.arange(len(cache))
+        eval_rows = data.read_rows(cfg.eval_data) if cfg.eval_data else []
+    else:
+        held = data.held_out_rows(cache.meta["stats"]["rows"], cfg.eval_size, cfg.seed)
+        train_idx = np.flatnonzero(~np.isin(cache.rows, held))
+        found = data.read_rows_at(cfg.train_data, held, cache.line_offsets)
+        eval_rows = [found[n] for n in held.tolist()]
+    if METHODS[cfg.method].generator:
+        path = seqkd_data(cfg, cache, train_idx, tokenizer, device, rank, world)
+        cache = token_cache(cfg, path, tok_path, tokenizer, rank)
+        train_idx = np.arange(len(cache))
+    if len(train_idx) == 0:
+        raise SystemExit(f"{cfg.train_data}: no training example left after holding out {cfg.eval_size} rows")
+    return cache, train_idx, eval_rows
 
 
-def seqkd_rows(cfg, rows, tokenizer, device, rank, world):
-    """SeqKD (Kim & Rush 2016): replace each training answer by the finetuned teacher's greedy answer
-    to its first user turn. Cached in out_dir, so a resumed run does not regenerate."""
-    cache = os.path.join(cfg.out_dir, "seqkd_data.jsonl")
-    if not os.path.isfile(cache):
+def seqkd_data(cfg, cache, train_idx, tokenizer, device, rank, world):
+    """SeqKD (Kim & Rush 2016): a data file whose answers are the finetuned teacher's greedy answers to
+    each training example's first user turn. The prompt is the cached example up to its first
+    supervised token, which is exactly the template's generation prompt. Written once into out_dir
+    (a resumed run does not regenerate); returns its path."""
+    path = os.path.join(cfg.out_dir, "seqkd_data.jsonl")
+    if not os.path.isfile(path):
         teacher = qwen.Qwen.from_pretrained(cfg.teacher_ft, dtype=dtype_of(cfg.teacher_dtype), device=device).eval()
-        prompts, _, _ = data.eval_pairs(rows, tokenizer, cfg.system_prompt)
+        prompts = [cache.input_ids[cache.offsets[i]:cache.offsets[i] + cache.spans[cache.span_offsets[i]][0]]
+                   .astype(np.int64).tolist() for i in train_idx]
         answers = generate_all(teacher, prompts, tokenizer, cfg.seqkd_max_new_tokens, cfg.eval_batch_size, rank, world)
         del teacher
         if rank == 0:
-            firsts = [data.to_messages(r) for r in rows]
-            firsts = [m[:2] if m[0]["role"] != "system" else m[:3] for m in firsts]
-            with open(cache + ".tmp", "w") as f:
-                for msgs, ans in zip(firsts, answers):
-                    f.write(json.dumps({"messages": msgs[:-1] + [{"role": "assistant", "content": ans}]}) + "\n")
-            os.replace(cache + ".tmp", cache)
-        if dist.is_initialized():
-            dist.barrier()
-    # a teacher answer that is empty cannot be supervised: skip those rows, say how many
-    out = [r for r in data.read_rows(cache) if r["messages"][-1]["content"].strip()]
-    if not out:
-        raise SystemExit(f"seqkd: the finetuned teacher {cfg.teacher_ft} gave an empty answer to all {len(rows)} "
-                         f"training prompts ({cache}); nothing to train on")
-    if rank == 0 and len(out) < len(rows) and not cfg.quiet:
-        print(f"seqkd: {len(rows) - len(out)} empty teacher answers skipped")
-    return out
+            wanted = set(cache.rows[train_idx].tolist())  # row numbers, ascending like train_idx
+            firsts = (data.to_messages(row) for n, _, row in data.iter_rows(cfg.train_data, cfg.max_rows) if n in wanted)
+            with open(path + ".tmp", "w") as f:
+                for msgs, answer in zip(firsts, answers):
+                    head = msgs[:2] if msgs[0]["role"] == "system" else msgs[:1]
+                    if answer.strip():  # an empty teacher answer cannot be supervised
+                        f.write(json.dumps({"messages": head + [{"role": "assistant", "content": answer}]}) + "\n")
+            os.replace(path + ".tmp", path)
+        wait_until(lambda: os.path.isfile(path), f"rank 0 to write {path}", rank)
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"seqkd: the finetuned teacher {cfg.teacher_ft} gave an empty answer to every training "
+                         f"prompt ({path}); nothing to train on")
+    return path
 
 
 def dtype_of(name):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+# -----------------------------------------------------------------------------
+# stored targets ("decoupled teachers", as the paper served its teachers apart from training): the
+# frozen models run once over the token cache; for every supervised position the top-K ids of the
+# target, their log-probabilities and the log of the rest's mass go to disk, and training loads no
+# frozen model at all. fkl and rkl share one store (same target); delta has its own per alpha.
+
+
+def model_identity(path):
+    # what changes a model's outputs: its config and its weight files (name, size, mtime)
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        config = hashlib.sha256(f.read()).hexdigest()
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return {"config_sha256": config,
+            "weights": [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]}
+
+
+def targets_key(cfg, cache, vocab, device):
+    roles = METHODS[cfg.method].frozen
+    return {"format": 1, "tokens": cache.meta["key"], "vocab": vocab, "topk": min(cfg.topk, vocab),
+            "models": {role: model_identity(needed_models(cfg)[role]) for role in roles},
+            "alpha": cfg.alpha if "teacher_raw" in roles else None, "temperature": cfg.temperature,
+            "teacher_dtype": cfg.teacher_dtype, "autocast": autocast_dtype(device, cfg.autocast) is not None,
+            "targets_dtype": cfg.targets_dtype, "shard": cfg.targets_shard}
+
+
+def differing(a, b, prefix=""):
+    # the dotted names of the keys whose values differ between two nested dicts
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(everything)"]
+    return [d for k in sorted(set(a) | set(b)) for d in differing(a.get(k), b.get(k), f"{prefix}{k}.")]
+
+
+class TargetStore:
+    """DIR/shard-NNNNN/{ids,logp,rest}.bin: (M, K) uint32 ids, (M, K) log-probabilities and (M,) float32
+    log rest mass for the M supervised positions of examples [N*shard, (N+1)*shard) of the cache, in
+    example order and, within an example, position order (shift_labels' mask order). A shard
+    directory gets its name only when complete, so a half-written shard is never read."""
+
+    def __init__(self, directory, cache, key):
+        self.dir, self.key, self.k, self.shard = directory, key, key["topk"], key["shard"]
+        self.logp_dtype = np.dtype(key["targets_dtype"])
+        self.offsets = np.concatenate([[0], np.cumsum(cache.n_targets())])
+        self.n_examples = len(cache)
+        self.n_shards = math.ceil(self.n_examples / self.shard)
+        self.maps = {}
+
+    def open_or_claim(self, rank):
+        """Refuses a directory built for something else, naming what differs; writes the key if new."""
+        path = os.path.join(self.dir, "key.json")
+        if rank == 0 and not os.path.isfile(path):
+            os.makedirs(self.dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.key, f, indent=1)
+            os.replace(path + ".tmp", path)
+        wait_until(lambda: os.path.isfile(path), f"rank 0 to write {path}", rank)
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != self.key:
+            raise SystemExit(f"--targets_dir={self.dir} holds targets for another run (differs in: "
+                             f"{', '.join(differing(theirs, self.key))}); use another directory or delete it")
+
+    def rows(self, s):
+        return int(self.offsets[min((s + 1) * self.shard, self.n_examples)] - self.offsets[s * self.shard])
+
+    def files(self, s, directory=None):
+        d = directory or os.path.join(self.dir, f"shard-{s:05d}")
+        M = self.rows(s)
+        return {"ids": (os.path.join(d, "ids.bin"), np.uint32, (M, self.k)),
+                "logp": (os.path.join(d, "logp.bin"), self.logp_dtype, (M, self.k)),
+                "rest": (os.path.join(d, "rest.bin"), np.float32, (M,))}
+
+    def complete(self, s):
+        return all(os.path.isfile(p) and os.path.getsize(p) == np.dtype(dt).itemsize * math.prod(shape)
+                   for p, dt, shape in self.files(s).values())
+
+    def write(self, s, target):
+        # into a temporary directory, renamed into place once every file is written
+        tmp = tempfile.mkdtemp(prefix=f".tmp-shard-{s:05d}-", dir=self.dir)
+        arrays = {"ids": target.ids.cpu().numpy(), "logp": target.logp.float().cpu().numpy(),
+                  "rest": target.log_rest.float().cpu().numpy()}
+        for name, (p, dt, shape) in self.files(s, tmp).items():
+            assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
+            arrays[name].astype(dt).tofile(p)
+        os.rename(tmp, os.path.join(self.dir, f"shard-{s:05d}"))
+
+    def get(self, examples, device):
+        """The StoredTarget rows of these examples, concatenated in the given order."""
+        parts = {"ids": [], "logp": [], "rest": []}
+        for i in examples:
+            s = int(i) // self.shard
+            if s not in self.maps:
+                self.maps[s] = {n: np.memmap(p, dtype=dt, mode="r", shape=shape) if shape[0] else np.zeros(shape, dt)
+                                for n, (p, dt, shape) in self.files(s).items()}
+            lo = int(self.offsets[i] - self.offsets[s * self.shard])
+            hi = lo + int(self.offsets[i + 1] - self.offsets[i])
+            for n in parts:
+                parts[n].append(self.maps[s][n][lo:hi])
+        cat = {n: torch.from_numpy(np.concatenate(v)) for n, v in parts.items()}
+        return StoredTarget(cat["ids"].long().to(device), cat["logp"].float().to(device),
+                            cat["rest"].to(device))
+
+
+def compute_targets(cfg, cache, store, pad_id, spec, device, rank, world):
+    """The target pass: each rank takes every world-th unfinished shard, runs the frozen models over it
+    and writes it; then all ranks wait (on the file system, not a collective) for every shard.
+    A killed pass resumes from the finished shards."""
+    store.open_or_claim(rank)
+    todo = [s for s in range(rank, store.n_shards, world) if not store.complete(s)]
+    if todo:
+        frozen = load_frozen(cfg, device)
+        t0, rows = time.time(), 0
+        for n, s in enumerate(todo):
+            examples = sorted(range(s * store.shard, min((s + 1) * store.shard, len(cache))),
+                              key=lambda i: -int(cache.lengths[i]))  # similar lengths together: less padding
+            pieces = {}
+            for b in range(0, len(examples), cfg.batch_size):
+                idx = examples[b:b + cfg.batch_size]
+                input_ids, labels, _ = data.collate([cache.example(i) for i in idx], pad_id)
+                live = frozen_target(frozen, input_ids.to(device), cfg.autocast)
+                mask, _ = shift_labels(labels.to(device))
+                live = {r: (h[:, :-1][mask], w) for r, (h, w) in live.items()}
+                with torch.no_grad():
+                    parts = [topk_target(chunk_target(live, c, c + cfg.chunk_size, spec) / spec.temperature,
+                                         store.k) for c in range(0, int(mask.sum()), cfg.chunk_size)]
+                t = StoredTarget(*(torch.cat(x) for x in zip(*parts)))
+                for i, lo, hi in zip(idx, *np.cumsum([[0] + mask.sum(1).tolist()[:-1], mask.sum(1).tolist()], 1)):
+                    pieces[i] = t[int(lo):int(hi)]
+            ordered = [pieces[i] for i in sorted(pieces)]
+            store.write(s, StoredTarget(*(torch.cat(x) for x in zip(*ordered))))
+            rows += store.rows(s)
+            if rank == 0 and not cfg.quiet:
+                print(f"targets: shard {s + 1}/{store.n_shards} | {rows / (time.time() - t0):.0f} supervised "
+                      f"tokens/s on rank 0 | eta {(time.time() - t0) / (n + 1) * (len(todo) - n - 1):.0f}s", flush=True)
+        del frozen
+    wait_until(lambda: all(store.complete(s) for s in range(store.n_shards)), f"all target shards in {store.dir}",
+               rank)
+
 
 # -----------------------------------------------------------------------------
 # generation and evaluation
@@ -417,11 +707,15 @@ def evaluate(model, prompts, refs, tokenizer, cfg, rank, world, tag):
     return {k: s.fmeasure for k, s in scores.items()}
 
 
-def autocast(device):
-    # bf16 autocast for the student on CUDA; plain fp32 on CPU
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_dtype(device, mode="auto"):
+    # --autocast: bf16 on CUDA by default; on CPU only when asked (so the tests cover that path)
+    on = mode == "bf16" or (mode == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if on else None
+
+
+def autocast(device, mode="auto"):
+    dtype = autocast_dtype(device, mode)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -448,6 +742,22 @@ def save_checkpoint(cfg, step, model, optimizer, tokenizer_path, rank):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def load_checkpoint(cfg, model, optimizer, device):
+    """The step of the newest complete checkpoint, with the weights, optimizer and RNG states restored."""
+    last = checkpoints(cfg.out_dir)[-1]
+    state = torch.load(os.path.join(last, "trainer_state.pt"), map_location=device, weights_only=False)
+    model.load_state_dict(qwen.Qwen.from_pretrained(last, dtype=torch.float32, device=device).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if not cfg.quiet and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"resumed from {last} at step {state['step']}")
+    return state["step"]
+
+
 def checkpoints(out_dir):
     # complete checkpoints only: a directory gets its final name after everything in it was written
     return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt-*"))
@@ -457,16 +767,37 @@ def checkpoints(out_dir):
 # training
 
 
-def forward_loss(ddp_model, model, frozen, roles, input_ids, labels, spec):
-    """One micro-batch: the frozen models' hidden states (no grad), the student's, and distill_loss.
+def load_frozen(cfg, device):
+    # the frozen models the loss reads, by role (METHODS), in teacher_dtype, without gradients
+    return {role: qwen.Qwen.from_pretrained(path, dtype=dtype_of(cfg.teacher_dtype), device=device)
+            .eval().requires_grad_(False)
+            for role, path in needed_models(cfg).items() if role in METHODS[cfg.method].frozen}
+
+
+def frozen_target(frozen, input_ids, mode="auto"):
+    """{role: (final hidden states (B, T, C_t), lm_head weight)} of the frozen models, no grad."""
+    with torch.no_grad(), autocast(input_ids.device, mode):
+        return {r: (m(input_ids, return_hidden=True), m.lm_head.weight) for r, m in frozen.items()}
+
+
+def forward_loss(ddp_model, model, input_ids, labels, target, spec, mode="auto"):
+    """One micro-batch: the student's hidden states and distill_loss against target (see there).
     Right padding only, so no attention mask: under causal attention pad positions never influence
     real ones, and SDPA can take its fastest (causal) kernels."""
-    device = input_ids.device
-    with torch.no_grad(), autocast(device):
-        teachers = [(frozen[r](input_ids, return_hidden=True), frozen[r].lm_head.weight) for r in roles]
-    with autocast(device):
+    with autocast(input_ids.device, mode):
         h = ddp_model(input_ids, return_hidden=True)
-    return distill_loss(h, model.lm_head.weight, labels, teachers, spec)
+    return distill_loss(h, model.lm_head.weight, labels, target, spec)
+
+
+def build_optimizer(cfg, model, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and norms: no weight decay
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    if cfg.zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
+    return torch.optim.AdamW(groups, **adam)
 
 
 def lr_at(step, cfg, total):
@@ -475,6 +806,76 @@ def lr_at(step, cfg, total):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class Batches:
+    """The data position as a function of the step: resuming at step s replays nothing and skips nothing.
+    Each optimizer step takes world * grad_accum micro-batches of one epoch's length-grouped order."""
+
+    def __init__(self, cfg, lengths, world):
+        self.cfg, self.lengths, self.per_step = cfg, lengths, world * cfg.grad_accum
+        self.epoch, self.batches = 0, data.make_batches(lengths, cfg.batch_size, cfg.seed, 0, self.per_step)
+        self.steps_per_epoch = len(self.batches) // self.per_step
+
+    def at(self, step, rank, world):
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.batches = data.make_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch, self.per_step)
+        return self.batches[offset * self.per_step:(offset + 1) * self.per_step][rank::world]
+
+
+def train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, spec, world, device):
+    """One optimizer step over this rank's micro-batches [(input_ids, labels, example ids)]; returns the
+    loss sums (loss, sft, kd) per supervised token, the grad norm, the lr and the token counts."""
+    # normalise by the supervised tokens of the whole step, all micro-batches and ranks together
+    n_tokens = all_reduce(torch.tensor(sum(int((lab[:, 1:] != data.IGNORE_INDEX).sum()) for _, lab, _ in micro),
+                                       dtype=torch.float64, device=device)).item()
+    lr = lr_at(step, cfg, total)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for i, (input_ids, labels, examples) in enumerate(micro):
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        sync = i == len(micro) - 1 or not dist.is_initialized()
+        with contextlib.nullcontext() if sync else ddp_model.no_sync():  # all-reduce on the last only
+            loss, sft, kd, _ = forward_loss(ddp_model, model, input_ids, labels, target_of(input_ids, examples), spec,
+                                            cfg.autocast)
+            # DDP averages gradients over ranks; * world turns that into the global token mean
+            (loss * (world / n_tokens)).backward()
+        sums += torch.stack([loss.detach(), sft, kd]).double()
+    sums = all_reduce(sums) / n_tokens
+    if not torch.isfinite(sums).all():
+        raise SystemExit(f"non-finite loss at step {step + 1} ({sums.tolist()}); stopping without saving. "
+                         f"The last good checkpoint in {cfg.out_dir} is untouched.")
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(gnorm):
+        raise SystemExit(f"non-finite gradient norm at step {step + 1}; stopping without saving. "
+                         f"The last good checkpoint in {cfg.out_dir} is untouched.")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n_in = all_reduce(torch.tensor(float(sum(x[0].numel() for x in micro)), device=device)).item()
+    return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
+            "tokens": n_in, "supervised_tokens": n_tokens}
+
+
+def log_step(cfg, step, total, rec, dt, t_start, metrics_path):
+    rec = {"step": step, **{k: v for k, v in rec.items() if k != "tokens"}, "tokens_per_s": rec["tokens"] / dt}
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if not cfg.quiet:
+        eta = (time.time() - t_start) / step * (total - step)
+        print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
+              f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | eta {eta:.0f}s")
+
+
+def log_eval(cfg, step, scores, master, metrics_path):
+    if not master:
+        return
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({"step": step, "eval": scores}) + "\n")
+    if not cfg.quiet:
+        print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
 def train(cfg):
@@ -488,110 +889,52 @@ def train(cfg):
     if master and not cfg.quiet:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
 
-    train_rows, eval_rows = load_data(cfg)
-    if cfg.method == "seqkd":
-        train_rows = seqkd_rows(cfg, train_rows, tokenizer, device, rank, world)
-    examples = encode(cfg, train_rows, tokenizer, cfg.train_data, rank)
+    # data: tokenized once into a memory-mapped cache; held-out prompts for evaluation
+    cache, train_idx, eval_rows = load_data(cfg, tokenizer, tok_path, rank, world, device)
     prompts, refs, _ = data.eval_pairs(eval_rows, tokenizer, cfg.system_prompt, cfg.max_len)
-    lengths = [len(ids) for ids, _ in examples]
+    pad_id = tokenizer.token_to_id("<|endoftext|>")
+    spec = loss_spec(cfg, tokenizer.get_vocab_size())
 
+    # the target: stored once on disk (no frozen model while training), or the frozen models live
+    store, frozen = None, {}
+    if cfg.targets_dir:
+        store = TargetStore(cfg.targets_dir, cache, targets_key(cfg, cache, spec.vocab, device))
+        compute_targets(cfg, cache, store, pad_id, spec, device, rank, world)
+        if cfg.targets_only:
+            return {}
+    elif cfg.method != "seqkd":
+        frozen = load_frozen(cfg, device)
+
+    def target_of(input_ids, examples):
+        if store:
+            return store.get(examples, device)
+        return frozen_target(frozen, input_ids, cfg.autocast) if frozen else None
+
+    # the student and its optimizer
     model = qwen.Qwen.from_pretrained(cfg.student, dtype=torch.float32, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    frozen = {role: qwen.Qwen.from_pretrained(path, dtype=dtype_of(cfg.teacher_dtype), device=device).eval()
-              for role, path in needed_models(cfg).items() if cfg.method != "seqkd"}
-    for m in frozen.values():
-        m.requires_grad_(False)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    optimizer = build_optimizer(cfg, model, device)
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and norms: no weight decay
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    if cfg.zero:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
-    else:
-        optimizer = torch.optim.AdamW(groups, **adam)
-
-    per_step = world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
-    epoch_batches = (0, data.make_batches(lengths, cfg.batch_size, cfg.seed, 0, per_step))
-    steps_per_epoch = len(epoch_batches[1]) // per_step
+    batches = Batches(cfg, cache.lengths[train_idx], world)
+    total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     if master and not cfg.quiet:
-        print(f"padding: {data.padding_fraction(epoch_batches[1], lengths):.1%} of batch tokens")
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    lam = 1.0 if cfg.method in ("sft", "seqkd") else cfg.lam
-    spec = dict(vocab=tokenizer.get_vocab_size(), lam=lam, alpha=cfg.alpha, temperature=cfg.temperature,
-                divergence="rkl" if cfg.method == "rkl" else cfg.divergence if cfg.method == "delta" else "fkl",
-                chunk_size=cfg.chunk_size, impl=cfg.loss_impl)
-    teacher_roles = list(frozen)  # [ft] or [ft, raw teacher, raw student]: the order chunk_loss expects
-
-    step = 0
-    if cfg.resume and checkpoints(cfg.out_dir):
-        last = checkpoints(cfg.out_dir)[-1]
-        state = torch.load(os.path.join(last, "trainer_state.pt"), map_location=device, weights_only=False)
-        weights = qwen.Qwen.from_pretrained(last, dtype=torch.float32, device=device).state_dict()
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if master and not cfg.quiet:
-            print(f"resumed from {last} at step {step}")
+        print(f"padding: {data.padding_fraction(batches.batches, batches.lengths):.1%} of batch tokens")
+    step = load_checkpoint(cfg, model, optimizer, device) if cfg.resume and checkpoints(cfg.out_dir) else 0
 
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    pad_id = tokenizer.token_to_id("<|endoftext|>")
     model.train()
     t_start, scores = time.time(), {}
     while step < total:
         t0 = time.time()
-        # the data position is a function of the step: resuming at step s replays nothing and skips nothing
-        epoch, offset = divmod(step, steps_per_epoch)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, data.make_batches(lengths, cfg.batch_size, cfg.seed, epoch, per_step))
-        batches = epoch_batches[1][offset * per_step:(offset + 1) * per_step][rank::world]
-        micro = [data.collate([examples[i] for i in b], pad_id) for b in batches]
-        # normalise by the supervised tokens of the whole step, all micro-batches and ranks together
-        n_tokens = all_reduce(torch.tensor(sum(int((lab[:, 1:] != data.IGNORE_INDEX).sum()) for _, lab, _ in micro),
-                                           dtype=torch.float64, device=device)).item()
-        lr = lr_at(step, cfg, total)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for i, (input_ids, labels, _) in enumerate(micro):
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            sync = i == len(micro) - 1 or not dist.is_initialized()
-            with contextlib.nullcontext() if sync else ddp_model.no_sync():  # all-reduce on the last only
-                loss, sft, kd, _ = forward_loss(ddp_model, model, frozen, teacher_roles, input_ids, labels, spec)
-                # DDP averages gradients over ranks; * world turns that into the global token mean
-                (loss * (world / n_tokens)).backward()
-            sums += torch.stack([loss.detach(), sft, kd]).double()
-        sums = all_reduce(sums) / n_tokens
-        if not torch.isfinite(sums).all():
-            raise SystemExit(f"non-finite loss at step {step + 1} ({sums.tolist()}); stopping without saving. "
-                             f"The last good checkpoint in {cfg.out_dir} is untouched.")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(gnorm):
-            raise SystemExit(f"non-finite gradient norm at step {step + 1}; stopping without saving. "
-                             f"The last good checkpoint in {cfg.out_dir} is untouched.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = []
+        for b in batches.at(step, rank, world):
+            examples = train_idx[b]
+            micro.append((*data.collate([cache.example(i) for i in examples], pad_id)[:2], examples))
+        rec = train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, spec, world, device)
         step += 1
-
-        dt = time.time() - t0
-        n_in = all_reduce(torch.tensor(float(sum(x[0].numel() for x in micro)), device=device)).item()
         if master:
-            rec = {"step": step, "loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr,
-                   "grad_norm": gnorm.item(), "tokens_per_s": n_in / dt, "supervised_tokens": n_tokens}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if not cfg.quiet:
-                eta = (time.time() - t_start) / step * (total - step) if step else 0
-                print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
-                      f"lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | "
-                      f"eta {eta:.0f}s")
+            log_step(cfg, step, total, rec, time.time() - t0, t_start, metrics_path)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total and prompts:
             scores = evaluate(model, prompts, refs, tokenizer, cfg, rank, world, f"step{step}")
             log_eval(cfg, step, scores, master, metrics_path)
@@ -602,15 +945,6 @@ def train(cfg):
         scores = evaluate(model, prompts, refs, tokenizer, cfg, rank, world, "final")
         log_eval(cfg, step, scores, master, metrics_path)
     return scores if master else {}
-
-
-def log_eval(cfg, step, scores, master, metrics_path):
-    if not master:
-        return
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps({"step": step, "eval": scores}) + "\n")
-    if not cfg.quiet:
-        print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
 # -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -504,7 +505,7 @@ def test_rank_shards_are_disjoint_cover_the_data_and_have_equal_counts(world):
             batches = data.make_batches(lengths, 4, seed=0, epoch=1, multiple=world * accum)
             shards = [batches[r::world] for r in range(world)]
             assert len({len(s) for s in shards}) == 1
-            seen = [i for s in shards for b in s for i in b]
+            seen = [int(i) for s in shards for b in s for i in b]
             assert sorted(seen) == list(range(n))  # every example exactly once
             assert max(len(b) for b in batches) <= 4
 
@@ -512,10 +513,13 @@ def test_rank_shards_are_disjoint_cover_the_data_and_have_equal_counts(world):
 def test_shuffle_is_deterministic_per_seed_and_epoch_and_grouping_cuts_padding():
     rng = random.Random(0)
     lengths = [rng.randint(5, 500) for _ in range(1000)]
-    a = data.make_batches(lengths, 8, seed=1, epoch=0)
-    assert a == data.make_batches(lengths, 8, seed=1, epoch=0)
-    assert a != data.make_batches(lengths, 8, seed=1, epoch=1) and a != data.make_batches(lengths, 8, seed=2, epoch=0)
+    as_lists = lambda batches: [b.tolist() for b in batches]  # noqa: E731
+    a = as_lists(data.make_batches(lengths, 8, seed=1, epoch=0))
+    assert a == as_lists(data.make_batches(lengths, 8, seed=1, epoch=0))
+    assert a != as_lists(data.make_batches(lengths, 8, seed=1, epoch=1))
+    assert a != as_lists(data.make_batches(lengths, 8, seed=2, epoch=0))
     plain = data.make_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
+    a = data.make_batches(lengths, 8, seed=1, epoch=0)
     assert data.padding_fraction(a, lengths) < 0.2 < data.padding_fraction(plain, lengths)
 
 
@@ -654,20 +658,22 @@ def loss_inputs(method, B=3, T=11, C=16, V=60, seed=0):
     h = torch.randn(B, T, C, generator=g) * 2
     W = torch.randn(V + 4, C, generator=g)
     W[V:] = 1e4
-    n_teachers = {"sft": 0, "fkl": 1, "rkl": 1, "delta": 3, "delta-rkl": 3}[method]
-    teachers = []
-    for _ in range(n_teachers):
+    roles = deltakd.METHODS[method.removesuffix("-rkl")].frozen
+    teachers = {}
+    for role in roles:
         Wt = torch.randn(V + 9, 24, generator=g)
         Wt[V:] = -1e4 * torch.rand(9, 24, generator=g)
-        teachers.append((torch.randn(B, T, 24, generator=g) * 2, Wt))
-    spec = dict(vocab=V, lam={"sft": 1.0}.get(method, 0.3), alpha=1.5, temperature=2.0,
-                divergence="rkl" if "rkl" in method else "fkl", chunk_size=5)
-    return h, W, some_labels(B, T, V, seed), teachers, spec
+        teachers[role] = (torch.randn(B, T, 24, generator=g) * 2, Wt)
+    spec = deltakd.LossSpec(vocab=V, lam={"sft": 1.0}.get(method, 0.3), alpha=1.5, temperature=2.0,
+                            divergence="rkl" if "rkl" in method else "fkl", chunk_size=5)
+    return h, W, some_labels(B, T, V, seed), teachers or None, spec
 
 
 def run_loss(h, W, labels, teachers, spec, dtype=torch.float32):
     h, W = h.detach().clone().to(dtype).requires_grad_(), W.detach().clone().to(dtype).requires_grad_()
-    loss, sft, kd, n = deltakd.distill_loss(h, W, labels, [(t.to(dtype), w.to(dtype)) for t, w in teachers], spec)
+    if isinstance(teachers, dict):
+        teachers = {r: (t.to(dtype), w.to(dtype)) for r, (t, w) in teachers.items()}
+    loss, sft, kd, n = deltakd.distill_loss(h, W, labels, teachers, spec)
     (loss / n).backward()
     return loss.detach(), sft, kd, h.grad, W.grad
 
@@ -675,9 +681,9 @@ def run_loss(h, W, labels, teachers, spec, dtype=torch.float32):
 @pytest.mark.parametrize("method", ["sft", "fkl", "rkl", "delta", "delta-rkl"])
 def test_chunked_loss_equals_dense_loss_and_gradients(method):
     h, W, labels, teachers, spec = loss_inputs(method)
-    dense = run_loss(h, W, labels, teachers, dict(spec, impl="dense"))
+    dense = run_loss(h, W, labels, teachers, replace(spec, impl="dense"))
     for chunk in (1, 5, 7, 10_000):  # one row at a time, uneven tails, everything in one chunk
-        chunked = run_loss(h, W, labels, teachers, dict(spec, impl="chunked", chunk_size=chunk))
+        chunked = run_loss(h, W, labels, teachers, replace(spec, impl="chunked", chunk_size=chunk))
         for a, b in zip(chunked, dense):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1e-6)
         assert chunked[4][60:].abs().max() == 0  # padded vocab rows get no gradient
@@ -685,12 +691,12 @@ def test_chunked_loss_equals_dense_loss_and_gradients(method):
 
 def test_chunked_loss_equals_an_independent_float64_reference():
     h, W, labels, teachers, spec = loss_inputs("delta")
-    loss, sft, kd, _, _ = run_loss(h, W, labels, teachers, dict(spec, impl="chunked"))
+    loss, sft, kd, _, _ = run_loss(h, W, labels, teachers, spec)
     mask = labels[:, 1:] != -100
-    V, tau = spec["vocab"], spec["temperature"]
+    V, tau = spec.vocab, spec.temperature
     z = (h[:, :-1][mask].double() @ W[:V].double().T)
-    zt = [t[:, :-1][mask].double() @ w[:V].double().T for t, w in teachers]
-    p_star = ref_target(zt[0], zt[1], zt[2], spec["alpha"], tau)
+    zt = {r: t[:, :-1][mask].double() @ w[:V].double().T for r, (t, w) in teachers.items()}
+    p_star = ref_target(zt["teacher_ft"], zt["teacher_raw"], zt["student_raw"], spec.alpha, tau)
     want_kd = ref_kl(p_star, torch.softmax(z / tau, -1)).sum()
     want_sft = -torch.log_softmax(z, -1).gather(1, labels[:, 1:][mask][:, None]).sum()
     assert math.isclose(kd.item(), want_kd.item(), rel_tol=1e-5)
@@ -714,11 +720,11 @@ def test_extreme_logits_give_finite_losses_and_gradients(tau, alpha):
             assert torch.isfinite(total) and torch.isfinite(grad).all()
     # the chunked path from hidden states, logits near +-1e4, bf16 like the real teachers
     h, W, labels, teachers, spec = loss_inputs("delta")
-    teachers = [(t * 50, w) for t, w in teachers]
+    teachers = {r: (t * 50, w) for r, (t, w) in teachers.items()}
     for dtype in (torch.float32, torch.bfloat16):
         for div in ("fkl", "rkl"):
-            out = run_loss(h * 50, W, labels, teachers,
-                           dict(spec, impl="chunked", alpha=alpha, temperature=tau, divergence=div), dtype)
+            out = run_loss(h * 50, W, labels, teachers, replace(spec, alpha=alpha, temperature=tau, divergence=div),
+                           dtype)
             assert all(torch.isfinite(x).all() for x in out)
 
 # -----------------------------------------------------------------------------
@@ -816,16 +822,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_one_thread(argv, nproc=0):
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] if nproc else []
+    return subprocess.run([sys.executable, *launcher, "deltakd.py", *argv], cwd=HERE, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+
 @pytest.mark.parametrize("zero", [False, True])
 def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_dir, tmp_path, zero):
-    common = dict(max_steps=3, eval_size=8, eval_max_new_tokens=4, lr=1e-2)
-    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "one", grad_accum=2, **common)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "deltakd.py",
-                        *args(run_dir, tmp_path / "two", grad_accum=1, zero=zero, **common)],
-                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    # both sides in child processes with one thread each (torchrun's default), so the fp32 reduction
+    # order, and with it the result to the last bit, does not depend on this machine's thread count
+    common = dict(max_steps=3, eval_size=8, eval_max_new_tokens=4, lr=1e-2, cache_dir=tmp_path / "cache")
+    one = run_one_thread(args(run_dir, tmp_path / "one", grad_accum=2, **common))
+    assert one.returncode == 0, one.stderr[-3000:]
+    r = run_one_thread(args(run_dir, tmp_path / "two", grad_accum=1, zero=zero, **common), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    builds = [json.loads(x) for x in open(tmp_path / "cache" / "build.log")]
+    assert len(builds) == 1  # the first run built the token cache; the 2-rank run found it
     a, b = weights(tmp_path / "one" / "ckpt-0000003"), weights(tmp_path / "two" / "ckpt-0000003")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
