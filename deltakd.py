@@ -69,7 +69,7 @@ class Config:
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
     targets_dir: str = ""       # empty: frozen models run live at every step
     topk: int = 64              # target probabilities kept per supervised token (+ the mass of the rest)
-    targets_dtype: str = "float32"  # storage of the top-k log-probabilities: float32 | float16
+    targets_dtype: str = "float16"  # storage of the top-k log-probabilities: float16 | float32
     targets_shard: int = 256    # examples per shard file (the unit an interrupted pass resumes from)
     targets_only: bool = False  # compute the stored targets and stop (e.g. on other GPUs, before training)
     # optimisation
@@ -253,10 +253,10 @@ def topk_target(target_logits_tau, k):
 
 
 def bucket_logq(logq, target):
-    # the student's log-probabilities over the stored target's K+1 buckets; the rest from its own sum
-    lq = logq.gather(1, target.ids)
-    rest = (1 - lq.double().exp().sum(-1)).clamp(min=1e-300).log().float().clamp(min=LOG_FLOOR)
-    return torch.cat([lq, rest[:, None]], 1)
+    # the student's log-probabilities over the stored target's K+1 buckets. The rest is a logsumexp over
+    # the other ids, not 1 - sum(q_k): that difference is rounding noise when the rest is nearly empty
+    rest = logq.scatter(1, target.ids, float("-inf")).logsumexp(-1).clamp(min=LOG_FLOOR)
+    return torch.cat([logq.gather(1, target.ids), rest[:, None]], 1)
 
 
 def chunk_loss(z, targets, target, spec):
@@ -614,7 +614,7 @@ class TargetStore:
         for name, (p, dt, shape) in self.files(s, tmp).items():
             assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
             arrays[name].astype(dt).tofile(p)
-        os.rename(tmp, os.path.join(self.dir, f"shard-{s:05d}"))
+        qwen.replace_dir(tmp, os.path.join(self.dir, f"shard-{s:05d}"))  # over a damaged one, if any
 
     def get(self, examples, device):
         """The StoredTarget rows of these examples, concatenated in the given order."""

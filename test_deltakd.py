@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -576,6 +577,109 @@ def test_parquet_rows_equal_jsonl_rows_and_without_pyarrow_the_message_says_so(m
     with pytest.raises(data.DataError, match="needs pyarrow"):
         data.read_rows(pq)
 
+def todays_encode_rows(rows, tokenizer, max_len):
+    """The in-memory tokenization deltakd used before the token cache existed, kept verbatim as the
+    oracle the cache must reproduce: (input_ids, labels) lists per kept row."""
+    specials = {t: tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    convs = [data.merge_segments(data.row_segments(row)) for row in rows]
+    pieces = [t for segs in convs for t, _ in segs if t not in specials]
+    encoded = iter(tokenizer.encode_batch(pieces, add_special_tokens=False))
+    examples = []
+    for segs in convs:
+        ids, labels = [], []
+        for text, supervised in segs:
+            piece = [specials[text]] if text in specials else next(encoded).ids
+            ids += piece
+            labels += piece if supervised else [data.IGNORE_INDEX] * len(piece)
+        ids, labels = ids[:max_len], labels[:max_len]
+        if any(lab != data.IGNORE_INDEX for lab in labels[1:]):
+            examples.append((ids, labels))
+    return examples
+
+
+def build(tmp_path, path, max_len=1024, max_rows=0, tok=TOKENIZER, system=data.SYSTEM_PROMPT_BASE):
+    key = data.cache_key(path, tok, max_len, system, max_rows, False)
+    where = data.cache_dir_for(str(tmp_path / "cache"), key)
+    if data.check_cache(where, key):
+        data.build_cache(path, Tokenizer.from_file(tok), where, key, max_len, system, max_rows, log=None,
+                         block_rows=300)
+    return where, key
+
+
+@pytest.mark.parametrize("path", [ULTRACHAT, OMR.replace(".jsonl", ".parquet"), GSM8K])
+def test_token_cache_gives_exactly_todays_tokens_and_labels_for_every_bundled_row(tmp_path, tokenizer, path):
+    where, key = build(tmp_path, path, max_len=1024)  # 483 of the 505 OpenMathReasoning rows are truncated
+    assert data.check_cache(where, key) is None
+    cache = data.TokenCache(where)
+    want = todays_encode_rows(data.read_rows(path), tokenizer, 1024)
+    assert len(cache) == len(want) == len(data.read_rows(path))
+    for i, (ids, labels) in enumerate(want):
+        got_ids, got_labels = cache.example(i)
+        assert got_ids.tolist() == ids and got_labels.tolist() == labels
+    # the loss's count of supervised positions, per example
+    assert cache.n_targets().tolist() == [sum(lab != -100 for lab in labels[1:]) for _, labels in want]
+    size = sum(os.path.getsize(os.path.join(where, f)) for f in os.listdir(where))
+    assert size / len(cache.input_ids) < 4.5  # bytes per token on disk, all files
+
+
+def test_a_new_tokenizer_max_len_data_file_or_prompt_makes_a_new_cache(tmp_path):
+    other_tok = tmp_path / "tok.json"
+    tok = json.load(open(TOKENIZER))
+    tok["added_tokens"][-1]["content"] = "<|something_else|>"
+    json.dump(tok, open(other_tok, "w"))
+    copy = tmp_path / "gsm.jsonl"
+    copy.write_text(open(GSM8K).read())
+    base = build(tmp_path, str(copy), 256)[0]
+    variants = [build(tmp_path, str(copy), 257)[0], build(tmp_path, str(copy), 256, tok=str(other_tok))[0],
+                build(tmp_path, str(copy), 256, max_rows=100)[0],
+                build(tmp_path, str(copy), 256, system=data.SYSTEM_PROMPT_INSTRUCT)[0]]
+    with open(copy, "a") as f:
+        f.write(json.dumps({"question": "q?", "answer": "a."}) + "\n")
+    variants.append(build(tmp_path, str(copy), 256)[0])
+    assert len({base, *variants}) == 6
+    assert len(data.TokenCache(variants[-1])) == 1320 and len(data.TokenCache(variants[2])) == 100
+
+
+def test_a_truncated_or_half_written_cache_is_rebuilt_with_a_message(tmp_path, tokenizer, capsys):
+    cfg = deltakd.parse_args([f"--out_dir={tmp_path}", "--max_len=256"])
+    first = deltakd.token_cache(cfg, GSM8K, TOKENIZER, tokenizer, rank=0)
+    ids = first.input_ids.tolist()
+    with open(os.path.join(first.path, "input_ids.bin"), "r+b") as f:
+        f.truncate(1000)  # a disk that filled up, a copy cut short
+    again = deltakd.token_cache(cfg, GSM8K, TOKENIZER, tokenizer, rank=0)
+    assert "input_ids.bin has 1000 bytes" in capsys.readouterr().out and again.input_ids.tolist() == ids
+    os.remove(os.path.join(first.path, "meta.json"))  # as if killed before the last file
+    third = deltakd.token_cache(cfg, GSM8K, TOKENIZER, tokenizer, rank=0)
+    assert "no meta.json" in capsys.readouterr().out and third.input_ids.tolist() == ids
+    # a killed build leaves only a temporary directory, which no run reads
+    assert all(d.startswith(("tokens-", "build.log")) for d in os.listdir(tmp_path / "cache"))
+
+
+def test_max_rows_on_parquet_reads_only_the_row_groups_it_needs(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = data.read_rows(OMR)
+    path = str(tmp_path / "omr.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=50)  # 11 row groups
+    read = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, *a, **k: read.append(g) or real(self, g, *a, **k))
+    assert data.read_rows(path, max_rows=120) == rows[:120] and read == [0, 1, 2]
+    read.clear()
+    assert data.read_rows_at(path, [3, 260, 261]) == {3: rows[3], 260: rows[260], 261: rows[261]} and read == [0, 5]
+    assert data.read_rows(GSM8K, max_rows=7) == data.read_rows(GSM8K)[:7]
+
+
+def test_held_out_rows_are_read_back_by_seeking_and_never_trained_on(run_dir, tmp_path, tokenizer):
+    cfg = deltakd.parse_args(args(run_dir, tmp_path, eval_size=8, max_rows=40))
+    cache, train_idx, eval_rows = deltakd.load_data(cfg, tokenizer, TOKENIZER, 0, 1, torch.device("cpu"))
+    rows = data.read_rows(str(run_dir / "train.jsonl"))[:40]
+    held = data.held_out_rows(40, 8, cfg.seed)
+    assert eval_rows == [rows[i] for i in held] and len(train_idx) == 32
+    assert not set(cache.rows[train_idx].tolist()) & set(held.tolist())
+    assert data.held_out_rows(40, 8, cfg.seed).tolist() == held.tolist()  # deterministic
+
+
 # -----------------------------------------------------------------------------
 # deltakd.py: the loss, against a float64 reference written in probability space
 
@@ -727,6 +831,77 @@ def test_extreme_logits_give_finite_losses_and_gradients(tau, alpha):
                            dtype)
             assert all(torch.isfinite(x).all() for x in out)
 
+def stored_from(teachers, labels, spec, k, dtype=torch.float32):
+    mask, _ = deltakd.shift_labels(labels)
+    live = {r: (t[:, :-1][mask], w) for r, (t, w) in teachers.items()}
+    st = deltakd.topk_target(deltakd.chunk_target(live, 0, 10**9, spec) / spec.temperature, k)
+    return deltakd.StoredTarget(st.ids, st.logp.to(dtype).float(), st.log_rest)
+
+
+@pytest.mark.parametrize("method", ["fkl", "rkl", "delta", "delta-rkl"])
+def test_stored_targets_with_k_equal_to_the_vocabulary_equal_the_exact_loss(method):
+    h, W, labels, teachers, spec = loss_inputs(method, B=4, T=30)
+    exact = run_loss(h, W, labels, teachers, spec)
+    for dtype, tol_loss, tol_grad in ((torch.float32, 1e-5, 1e-5), (torch.float16, 1e-4, None)):  # fp16: the default
+        got = run_loss(h, W, labels, stored_from(teachers, labels, spec, spec.vocab, dtype), spec)
+        for i, (a, b) in enumerate(zip(got, exact)):
+            tol = tol_loss if i < 3 else tol_grad
+            if tol:
+                assert (a - b).abs().max() <= tol * b.abs().max(), (dtype, i)
+
+
+def bucketed_reference(z, p_full, k, divergence, tau):
+    # probability space, float64: the top-k ids of p, then KL over {those ids, everything else}
+    q = torch.softmax(z / tau, -1)
+    top = p_full.topk(k, -1).indices
+    rest = torch.ones_like(p_full, dtype=torch.bool).scatter(1, top, False)  # summed, not 1 - sum: no cancellation
+    pb = torch.cat([p_full.gather(1, top), (p_full * rest).sum(-1, keepdim=True)], 1)
+    qb = torch.cat([q.gather(1, top), (q * rest).sum(-1, keepdim=True)], 1)
+    return (ref_kl(pb, qb) if divergence == "fkl" else ref_kl(qb, pb)).sum()
+
+
+@pytest.mark.parametrize("method", ["fkl", "rkl", "delta", "delta-rkl"])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_stored_targets_for_small_k_equal_a_float64_bucketed_reference(method, k):
+    h, W, labels, teachers, spec = loss_inputs(method, B=3, T=12)
+    spec = replace(spec, lam=0.0)  # the KD term alone
+    loss, _, kd, gh, gW = run_loss(h, W, labels, stored_from(teachers, labels, spec, k), spec)
+    mask = labels[:, 1:] != -100
+    V, tau = spec.vocab, spec.temperature
+    hs, Wd = h[:, :-1][mask].double().requires_grad_(), W.double().requires_grad_()
+    zt = {r: t[:, :-1][mask].double() @ w[:V].double().T for r, (t, w) in teachers.items()}
+    p = ref_target(zt["teacher_ft"], zt.get("teacher_raw", zt["teacher_ft"]), zt.get("student_raw", zt["teacher_ft"]),
+                   spec.alpha, tau)
+    want = bucketed_reference(hs @ Wd[:V].T, p, k, spec.divergence, tau)
+    (want / mask.sum()).backward()
+    assert math.isclose(kd.item(), want.item(), rel_tol=1e-5)
+    # fp32 vs fp64: forward KL's closed-form gradient is within 5e-7 here, reverse KL's (fp32 autograd
+    # through log q_b - log p_b, terms up to ~20) within 2e-5; a wrong formula is off by 1e-2 or more
+    tol = 1e-5 if spec.divergence == "fkl" else 5e-5
+    assert (gW - Wd.grad).abs().max() <= tol * Wd.grad.abs().max()
+    assert (gh[:, :-1][mask] - hs.grad).abs().max() <= tol * hs.grad.abs().max()
+    # a lower bound of the exact divergence (log-sum inequality)
+    assert kd.item() <= run_loss(h, W, labels, teachers, spec)[2].item() + 1e-6
+
+
+def test_stored_targets_with_extreme_logits_stay_finite():
+    h, W, labels, teachers, spec = loss_inputs("delta")
+    teachers = {r: (t * 50, w) for r, (t, w) in teachers.items()}
+    for div in ("fkl", "rkl"):
+        for k in (1, 8, 60):
+            s = replace(spec, divergence=div)
+            out = run_loss(h * 50, W, labels, stored_from(teachers, labels, s, k, torch.float16), s)
+            assert all(torch.isfinite(x).all() for x in out)
+
+
+def test_divergence_is_refused_where_it_has_no_effect():
+    with pytest.raises(SystemExit, match="--divergence has no effect with --method=fkl"):
+        deltakd.parse_args(["--method=fkl", "--divergence=rkl"])
+    with pytest.raises(SystemExit, match="--targets_dir has no effect with --method=sft"):
+        deltakd.parse_args(["--method=sft", "--targets_dir=x"])
+    assert deltakd.parse_args(["--method=delta", "--divergence=rkl"]).divergence == "rkl"
+
+
 # -----------------------------------------------------------------------------
 # deltakd.py: the training loop
 
@@ -795,8 +970,11 @@ def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
     assert len(preds) == 8 and all(set(p) == {"prediction", "reference"} for p in preds)
 
 
-def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(run_dir, tmp_path):
+@pytest.mark.parametrize("stored", [False, True])
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(run_dir, tmp_path, stored):
     common = dict(max_steps=8, save_every=2, keep_last=10, eval_size=0)
+    if stored:
+        common.update(targets_dir=tmp_path / "targets", topk=8, targets_shard=16)
     deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "straight", **common)))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "deltakd.py", *args(run_dir, killed, **common)], cwd=HERE,
@@ -828,23 +1006,76 @@ def run_one_thread(argv, nproc=0):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
 
-@pytest.mark.parametrize("zero", [False, True])
-def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_dir, tmp_path, zero):
+@pytest.mark.parametrize("variant", ["ddp", "zero", "stored_targets"])
+def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_dir, tmp_path, variant):
     # both sides in child processes with one thread each (torchrun's default), so the fp32 reduction
     # order, and with it the result to the last bit, does not depend on this machine's thread count
     common = dict(max_steps=3, eval_size=8, eval_max_new_tokens=4, lr=1e-2, cache_dir=tmp_path / "cache")
-    one = run_one_thread(args(run_dir, tmp_path / "one", grad_accum=2, **common))
-    assert one.returncode == 0, one.stderr[-3000:]
-    r = run_one_thread(args(run_dir, tmp_path / "two", grad_accum=1, zero=zero, **common), nproc=2)
+    stored = lambda name: dict(targets_dir=tmp_path / name, topk=8, targets_shard=8) if variant == "stored_targets" else {}  # noqa: E731
+    r = run_one_thread(args(run_dir, tmp_path / "two", grad_accum=1, zero=variant == "zero", **stored("t2"), **common),
+                       nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    one = run_one_thread(args(run_dir, tmp_path / "one", grad_accum=2, **stored("t1"), **common))
+    assert one.returncode == 0, one.stderr[-3000:]
     builds = [json.loads(x) for x in open(tmp_path / "cache" / "build.log")]
-    assert len(builds) == 1  # the first run built the token cache; the 2-rank run found it
+    assert len(builds) == 1  # the 2-rank run built the token cache once (rank 0), the 1-rank run found it
+    if stored("t1"):  # the 2 ranks split the target pass's shards; the result equals one rank's, byte for byte
+        assert same_files(tmp_path / "t1", tmp_path / "t2")
     a, b = weights(tmp_path / "one" / "ckpt-0000003"), weights(tmp_path / "two" / "ckpt-0000003")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert [m["supervised_tokens"] for m in one[:3]] == [m["supervised_tokens"] for m in two[:3]]
     assert one[-1]["eval"] == two[-1]["eval"]  # generation split across ranks and gathered
+
+
+def same_files(a, b):
+    names = lambda d: sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)  # noqa: E731
+    return names(a) == names(b) and all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read()
+                                        for n in names(a))
+
+
+def test_target_pass_resumes_after_a_kill_without_redoing_shards_and_equals_an_uninterrupted_pass(run_dir, tmp_path):
+    common = dict(topk=8, targets_shard=4, targets_only=True, eval_size=8, cache_dir=tmp_path / "cache")
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "o1", targets_dir=tmp_path / "straight", **common)))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "deltakd.py", *args(run_dir, tmp_path / "o2", targets_dir=killed, **common)],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "shard-00001").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = sorted(d for d in os.listdir(killed) if d.startswith("shard-"))
+    assert shards, proc.stderr.read()[-2000:]
+    # damage one finished shard (a disk that filled up) and leave a half-written one behind
+    with open(killed / "shard-00000" / "logp.bin", "r+b") as f:
+        f.truncate(10)
+    (killed / ".tmp-shard-00013-x").mkdir(exist_ok=True)
+    (killed / ".tmp-shard-00013-x" / "ids.bin").write_bytes(b"junk")
+    kept = {s: os.stat(killed / s / "ids.bin").st_mtime_ns for s in shards if s != "shard-00000"}
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "o2", targets_dir=killed, **common)))
+    assert all(os.stat(killed / s / "ids.bin").st_mtime_ns == m for s, m in kept.items())  # not redone
+    shutil.rmtree(killed / ".tmp-shard-00013-x")
+    assert same_files(tmp_path / "straight", killed)  # 14 shards, byte for byte
+
+
+def test_training_with_stored_targets_loads_no_frozen_model_and_refuses_a_foreign_store(run_dir, tmp_path, monkeypatch):
+    common = dict(topk=8, targets_shard=16, eval_size=8, max_steps=3, targets_dir=tmp_path / "targets")
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "pass", targets_only=True, **common)))
+    assert not deltakd.checkpoints(str(tmp_path / "pass"))  # the pass alone trains nothing
+    monkeypatch.setattr(deltakd, "load_frozen", lambda *a: pytest.fail("a frozen model was loaded"))
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "train", **common)))
+    steps = [json.loads(x) for x in open(tmp_path / "train" / "metrics.jsonl") if '"loss"' in x]
+    assert len(steps) == 3 and all(math.isclose(m["loss"], 0.5 * m["sft"] + 0.5 * m["kd"], rel_tol=1e-6) for m in steps)
+    for change, name in ((dict(alpha=0.5), "alpha"), (dict(topk=16), "topk"), (dict(max_len=120), "tokens.max_len")):
+        with pytest.raises(SystemExit, match=rf"holds targets for another run \(differs in: .*{name}"):
+            deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "train2", **{**common, **change})))
+    # fkl and rkl read the same target (the finetuned teacher): one store serves both
+    monkeypatch.undo()
+    fkl = dict(common, targets_dir=tmp_path / "ft")
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "fkl", method="fkl", **fkl)))
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "rkl", method="rkl", **fkl)))
 
 
 def test_bad_inputs_stop_before_the_first_step_with_a_message(run_dir, tmp_path):
