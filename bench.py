@@ -17,12 +17,15 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
+import numpy as np
 import torch
 
 import data
@@ -115,11 +118,9 @@ def loss_inputs(N, method, C=1536, V=151665, Vm=151936, Vt=152064, seed=0):
     h = torch.randn(1, N + 1, C, generator=g) * 0.5
     W = torch.randn(Vm, C, generator=g) * 0.05
     labels = torch.randint(0, V, (1, N + 1), generator=g)  # every position after the first supervised
-    n_teachers = {"fkl": 1, "delta": 3}[method]
-    teachers = [(torch.randn(1, N + 1, C, generator=g) * 0.5, torch.randn(Vt, C, generator=g) * 0.05)
-                for _ in range(n_teachers)]
-    spec = dict(vocab=V, lam=0.5, alpha=1.0, temperature=1.0, divergence="fkl", chunk_size=512)
-    return h, W, labels, teachers, spec
+    teachers = {role: (torch.randn(1, N + 1, C, generator=g) * 0.5, torch.randn(Vt, C, generator=g) * 0.05)
+                for role in deltakd.METHODS[method].frozen}
+    return h, W, labels, teachers, deltakd.LossSpec(vocab=V, lam=0.5, alpha=1.0, temperature=1.0, chunk_size=512)
 
 
 def loss_step(h, W, labels, teachers, spec):
@@ -146,7 +147,7 @@ def loss_child(impl, method, N):
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        loss_step(h, W, labels, teachers, dict(spec, impl=impl))
+        loss_step(h, W, labels, teachers, replace(spec, impl=impl))
     except (RuntimeError, MemoryError):
         print(json.dumps({"oom": True}))
         return
@@ -167,11 +168,11 @@ def bench_loss():
     for method in ("fkl", "delta"):
         N = 1024
         h, W, labels, teachers, spec = loss_inputs(N, method)
-        a = loss_step(h, W, labels, teachers, dict(spec, impl="chunked"))
-        b = loss_step(h, W, labels, teachers, dict(spec, impl="dense"))
+        a = loss_step(h, W, labels, teachers, replace(spec, impl="chunked"))
+        b = loss_step(h, W, labels, teachers, replace(spec, impl="dense"))
         assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
-        t = timeit({"dense": lambda: loss_step(h, W, labels, teachers, dict(spec, impl="dense")),
-                    "chunked": lambda: loss_step(h, W, labels, teachers, dict(spec, impl="chunked"))}, repeats=2)
+        t = timeit({"dense": lambda: loss_step(h, W, labels, teachers, replace(spec, impl="dense")),
+                    "chunked": lambda: loss_step(h, W, labels, teachers, replace(spec, impl="chunked"))}, repeats=2)
         mem = {(impl, n): child_peak(impl, method, n) for impl in ("chunked", "dense") for n in (1024, 4096)}
         fmt = lambda m: "does not fit (>20 GiB)" if m.get("oom") else f"{m['peak_gib']:.2f} GiB"  # noqa: E731
         lines.append(f"loss {method} (V 151,936, C 1,536, fp32): time at {N} tokens dense {t['dense']:.1f}s, "
@@ -205,41 +206,176 @@ def bench_rouge():
 
 
 def bench_step():
-    # a student and teachers about 2x wider, with Qwen's real vocab sizes, fp32 on CPU; batch 4 x 256
+    """SFT step vs Delta-KD step with the three frozen models live vs with stored top-k targets, same
+    student and batch; and the one-off target pass (time, bytes per supervised token)."""
     path = tempfile.mkdtemp()
     arch = dict(intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
-    models = {}
     for name, hidden, vocab, seed in [("student", 256, 151936, 0), ("teacher_ft", 512, 152064, 1),
                                       ("teacher_raw", 512, 152064, 2)]:
         c = qwen.QwenConfig(vocab_size=vocab, hidden_size=hidden, tie_word_embeddings=name == "student", **arch)
         qwen.save_pretrained(qwen.init_weights(qwen.Qwen(c), seed=seed), os.path.join(path, name))
     student = qwen.Qwen.from_pretrained(os.path.join(path, "student")).train()
-    frozen = {r: qwen.Qwen.from_pretrained(os.path.join(path, n)).eval().requires_grad_(False)
-              for r, n in [("teacher_ft", "teacher_ft"), ("teacher_raw", "teacher_raw"), ("student_raw", "student")]}
+    cfg = deltakd.Config(student=os.path.join(path, "student"), teacher_ft=os.path.join(path, "teacher_ft"),
+                         teacher_raw=os.path.join(path, "teacher_raw"), teacher_dtype="float32", topk=64)
+    frozen = deltakd.load_frozen(cfg, torch.device("cpu"))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 151665, (4, 256), generator=g)
     labels = ids.clone()
     labels[:, :64] = data.IGNORE_INDEX  # a prompt
-    spec = dict(vocab=151665, alpha=1.0, temperature=1.0, divergence="fkl", chunk_size=512, impl="chunked")
+    spec = deltakd.LossSpec(vocab=151665, lam=0.5)
+    # the stored target of this batch, as the target pass computes it (top-64, float16 storage)
+    t0 = time.perf_counter()
+    mask, _ = deltakd.shift_labels(labels)
+    live = {r: (h[:, :-1][mask], w) for r, (h, w) in deltakd.frozen_target(frozen, ids).items()}
+    with torch.no_grad():
+        st = deltakd.topk_target(deltakd.chunk_target(live, 0, 10**9, spec), 64)
+    t_pass = time.perf_counter() - t0
+    st = deltakd.StoredTarget(st.ids, st.logp.half().float(), st.log_rest)
+    bytes_per_token = 64 * (4 + 2) + 4
 
-    def step(roles, lam):
-        loss, _, _, n = deltakd.forward_loss(student, student, frozen, roles, ids, labels, dict(spec, lam=lam))
+    def step(target, lam):
+        loss, _, _, n = deltakd.forward_loss(student, student, ids, labels, target, replace(spec, lam=lam))
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    t = timeit({"sft": lambda: step([], 1.0),
-                "delta": lambda: step(["teacher_ft", "teacher_raw", "student_raw"], 0.5)}, repeats=3)
-    return (f"train step (student 256x4, teachers 512x4, batch 4x256, fp32): SFT {t['sft']:.2f}s, "
-            f"Delta-KD {t['delta']:.2f}s -> Delta-KD/SFT {t['delta'] / t['sft']:.2f}x")
+    t = timeit({"sft": lambda: step(None, 1.0), "live": lambda: step(deltakd.frozen_target(frozen, ids), 0.5),
+                "stored": lambda: step(st, 0.5)}, repeats=3)
+    n_sup = int(mask.sum())
+    return (f"train step (student 256x4, teachers 512x4, batch 4x256, fp32): SFT {t['sft']:.2f}s, Delta-KD live "
+            f"{t['live']:.2f}s ({t['live'] / t['sft']:.2f}x SFT), Delta-KD stored top-64 {t['stored']:.2f}s "
+            f"({t['stored'] / t['sft']:.2f}x SFT); target pass {n_sup / t_pass:.0f} supervised tokens/s, "
+            f"{bytes_per_token} bytes per supervised token")
+
+
+def data_child(mode, path, n_rows):
+    """Runs in its own process: 'today' (read_rows + encode_rows, the in-memory path), 'build' (token
+    cache from scratch), 'warm' (a run that finds the cache, to its first optimizer step)."""
+    from tokenizers import Tokenizer
+    t0 = time.perf_counter()
+    tok_path = os.path.join(HERE, "assets/qwen2.5/tokenizer.json")
+    tok = Tokenizer.from_file(tok_path)
+    out = {}
+    if mode == "today":
+        examples, stats = data.encode_rows(data.read_rows(path), tok, 1024)
+        out["tokens"] = stats["tokens"]
+    elif mode == "build":
+        cache_dir = os.path.join(os.path.dirname(path), f"cache-{n_rows}")
+        cfg = deltakd.Config(out_dir=cache_dir, cache_dir=cache_dir, max_len=1024, quiet=True)
+        cache = deltakd.token_cache(cfg, path, tok_path, tok, rank=0)
+        out["tokens"] = int(len(cache.input_ids))
+        out["bytes_per_token"] = sum(os.path.getsize(os.path.join(cache.path, f))
+                                     for f in os.listdir(cache.path)) / out["tokens"]
+    else:  # warm: the whole run up to and including optimizer step 1, on a tiny student
+        student = os.path.join(os.path.dirname(path), "student")
+        if not os.path.isdir(student):
+            c = qwen.QwenConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2)
+            qwen.save_pretrained(qwen.init_weights(qwen.Qwen(c)), student)
+        cache_dir = os.path.join(os.path.dirname(path), f"cache-{n_rows}")
+        cfg = deltakd.parse_args([f"--student={student}", f"--tokenizer={tok_path}", f"--train_data={path}",
+                                  f"--out_dir={cache_dir}/run", f"--cache_dir={cache_dir}", "--method=sft",
+                                  "--max_len=1024", "--max_steps=1", "--eval_size=64", "--eval_max_new_tokens=1",
+                                  "--batch_size=4", "--quiet=true"])
+        deltakd.train(cfg)
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_gib"] = vm_hwm() / 2**30
+    print(json.dumps(out))
+
+
+def run_data_child(mode, path, n_rows):
+    r = subprocess.run([sys.executable, __file__, "_data_child", mode, path, str(n_rows)], cwd=HERE,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_data():
+    """Today's in-memory path vs the token cache on Ultrachat-style files of 50,000 and 200,000 rows
+    (the bundled 1,000 conversations repeated; 200,000 rows = 95M tokens, a third of the real set)."""
+    from tokenizers import Tokenizer
+    src = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl")
+    lines = open(src).read().splitlines()
+    root = tempfile.mkdtemp(prefix="bench-data-")
+    paths = {}
+    for n in (50_000, 200_000):
+        paths[n] = os.path.join(root, f"ultrachat_{n}.jsonl")
+        with open(paths[n], "w") as f:
+            for i in range(n):
+                f.write(lines[i % len(lines)] + "\n")
+    # the floor: the tokenizer's own encode_batch over the same pieces (the bundled rows' segments)
+    tok = Tokenizer.from_file(os.path.join(HERE, "assets/qwen2.5/tokenizer.json"))
+    rows = data.read_rows(src)
+    pieces = [t for r in rows for t, _ in data.merge_segments(data.row_segments(r)) if t not in ("<|im_end|>",)]
+    t0 = time.perf_counter()
+    n_tok = sum(len(e.ids) for _ in range(10) for e in tok.encode_batch(pieces, add_special_tokens=False))
+    floor = n_tok / (time.perf_counter() - t0)
+    res = {("build", n): run_data_child("build", paths[n], n) for n in (50_000, 200_000)}
+    res["warm", 200_000] = run_data_child("warm", paths[200_000], 200_000)
+    res["today", 200_000] = run_data_child("today", paths[200_000], 200_000)
+    shutil.rmtree(root, ignore_errors=True)
+    b, o, w = res["build", 200_000], res["today", 200_000], res["warm", 200_000]
+    return "\n".join([
+        f"data, 200,000 rows ({b['tokens'] / 1e6:.0f}M tokens): today's read_rows + encode_rows {o['seconds']:.0f}s, "
+        f"peak RSS {o['peak_gib']:.2f} GiB; token cache build {b['seconds']:.0f}s, peak {b['peak_gib']:.2f} GiB "
+        f"({o['seconds'] / b['seconds']:.2f}x faster, {o['peak_gib'] / b['peak_gib']:.0f}x less memory)",
+        f"data, cache build at 50,000 vs 200,000 rows: peak {res['build', 50_000]['peak_gib']:.2f} vs "
+        f"{b['peak_gib']:.2f} GiB; {b['tokens'] / b['seconds'] / 1e6:.2f}M tokens/s vs the tokenizer's own "
+        f"encode_batch {floor / 1e6:.2f}M tokens/s ({b['tokens'] / b['seconds'] / floor:.0%} of the floor); "
+        f"{b['bytes_per_token']:.2f} bytes per token on disk",
+        f"data, a second run that finds the cache: first optimizer step after {w['seconds']:.1f}s "
+        f"(process start to step 1, tiny student, 64 held-out rows read back), peak {w['peak_gib']:.2f} GiB"])
+
+
+def bench_topk(demo_dir="out"):
+    """How good is a top-K target? On the demo's models (run `python deltakd.py` first) and its task
+    data: mass outside the top K, relative error of the KD loss and cosine of the stored-target and
+    exact gradients w.r.t. the student's logits, for K in 8, 64, 256."""
+    from tokenizers import Tokenizer
+    need = ["teacher-ft", "raw-teacher", "raw-student", "task_train.jsonl", "tokenizer.json"]
+    if not all(os.path.exists(os.path.join(demo_dir, n)) for n in need):
+        return f"topk: skipped, run `python deltakd.py --out_dir={demo_dir}` first (needs {need})"
+    ck = lambda name: deltakd.checkpoints(os.path.join(demo_dir, name))[-1]  # noqa: E731
+    frozen = {r: qwen.Qwen.from_pretrained(ck(n)).eval() for r, n in
+              [("teacher_ft", "teacher-ft"), ("teacher_raw", "raw-teacher"), ("student_raw", "raw-student")]}
+    student = frozen["student_raw"]
+    tok = Tokenizer.from_file(os.path.join(demo_dir, "tokenizer.json"))
+    examples, _ = data.encode_rows(data.read_rows(os.path.join(demo_dir, "task_train.jsonl"))[:64], tok, 192)
+    ids, labels, _ = data.collate(examples, tok.token_to_id("<|endoftext|>"))
+    spec = deltakd.LossSpec(vocab=tok.get_vocab_size(), lam=0.0)
+    mask, y = deltakd.shift_labels(labels)
+    live = {r: (h[:, :-1][mask], w) for r, (h, w) in deltakd.frozen_target(frozen, ids).items()}
+    with torch.no_grad():
+        target = deltakd.chunk_target(live, 0, 10**9, spec)
+        z = student(ids)[:, :-1][mask][:, :spec.vocab].float()
+    exact = deltakd.chunk_loss(z, y, target, spec)
+    lines = []
+    for k in (8, 64, 256):
+        st = deltakd.topk_target(target, k)
+        st = deltakd.StoredTarget(st.ids, st.logp.half().float(), st.log_rest)
+        got = deltakd.chunk_loss(z, y, st, spec)
+        rest = st.log_rest.exp()
+        cos = F_cos(got[3], exact[3])
+        lines.append(f"topk K={k}: mass outside top-K mean {rest.mean():.4f}, worst {rest.max():.4f}; KD loss "
+                     f"{got[2] / exact[2] - 1:+.2%} vs exact; gradient cosine {cos:.4f} "
+                     f"({len(y)} supervised tokens, Delta-KD target of the demo's models)")
+    return "\n".join(lines)
+
+
+def F_cos(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
 
 
 BENCHES = {"forward": bench_forward, "generate": bench_generate, "loss": bench_loss, "rouge": bench_rouge,
-           "step": bench_step}
+           "step": bench_step, "data": bench_data, "topk": bench_topk}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_loss_child"]:
         loss_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit()
+    if sys.argv[1:2] == ["_data_child"]:
+        data_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         sys.exit()
     names = sys.argv[1:] or list(BENCHES)
     unknown = set(names) - set(BENCHES)

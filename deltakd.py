@@ -263,13 +263,14 @@ def chunk_loss(z, targets, target, spec):
     """One chunk: z (n, V) fp32 student logits, targets (n,) ids; target None (SFT), (n, V) target
     logits, or a StoredTarget. Returns the loss, its SFT and KD sums and dloss/dz (n, V).
     Gradients: SFT softmax(z) - onehot(y); forward KL in closed form, (q - p~) / tau with p~ the
-    target spread over the vocabulary (the stored rest shared in proportion to q); any other
-    divergence by autograd on this chunk alone, so memory stays flat."""
+    target spread over the vocabulary (for a stored target: p_k on its ids, q_j p_rest / q_rest on
+    the others); any other divergence by autograd on this chunk alone, so memory stays flat."""
     lam, tau = spec.lam, spec.temperature
-    logq = F.log_softmax(z / tau, dim=-1)
-    logq1 = logq if tau == 1.0 else F.log_softmax(z, dim=-1)  # the SFT term is at tau = 1
+    logq = F.log_softmax(z / tau if tau != 1.0 else z, dim=-1)
+    q = logq.exp()
+    logq1, q1 = (logq, q) if tau == 1.0 else (F.log_softmax(z, dim=-1), None)  # the SFT term is at tau = 1
     sft = -logq1.gather(1, targets[:, None]).sum()
-    dz = logq1.exp().mul_(lam)
+    dz = (q1 if q1 is not None else logq1.exp()) * lam
     dz[torch.arange(len(targets)), targets] -= lam
     if target is None:
         return lam * sft, sft, torch.zeros_like(sft), dz
@@ -278,20 +279,20 @@ def chunk_loss(z, targets, target, spec):
     divergence = DIVERGENCES[spec.divergence]
     logq_kd = bucket_logq(logq, target) if stored else logq
     kd = divergence(logp, logq_kd).sum()
-    if divergence is forward_kl:
-        q = logq.exp()
-        if stored:  # p~ = p_k on the stored ids, q_j p_rest / q_rest elsewhere
-            p_tilde = q * (target.log_rest - logq_kd[:, -1]).exp()[:, None]
-            p_tilde.scatter_(1, target.ids, target.logp.exp())
-        else:
-            p_tilde = logp.exp_()
-        dkd = q.sub_(p_tilde).div_(tau)
+    c = (1 - lam) / tau
+    if divergence is forward_kl and stored:
+        r = (target.log_rest - logq_kd[:, -1]).exp()  # p_rest / q_rest
+        dz.addcmul_(q, ((1 - r) * c)[:, None])  # every id as if in the rest: c q_j (1 - r) ...
+        q_k = logq_kd[:, :-1].exp()  # ... then the stored ids corrected to c (q_k - p_k)
+        dz.scatter_add_(1, target.ids, c * (r[:, None] * q_k - target.logp.exp()))
+    elif divergence is forward_kl:
+        dz.add_(q, alpha=c).sub_(logp.exp_(), alpha=c)
     else:
         with torch.enable_grad():
             zz = z.detach().requires_grad_()
             lq = F.log_softmax(zz / tau, dim=-1)
             (dkd,) = torch.autograd.grad(divergence(logp, bucket_logq(lq, target) if stored else lq).sum(), zz)
-    dz.add_(dkd, alpha=1 - lam)
+        dz.add_(dkd, alpha=1 - lam)
     return lam * sft + (1 - lam) * kd, sft, kd, dz
 
 
