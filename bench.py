@@ -3,6 +3,7 @@ Every speed and memory claim of deltakd, each measured side by side with its pee
 
     python bench.py                       # all: forward generate loss rouge step
     python bench.py rouge loss            # some
+    python bench.py --gpu                 # the GPU measurements (needs CUDA; under 8 minutes on one H100)
 
 - forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
 - generate: greedy, batch 8, 128 new tokens, left-padded prompts of different lengths, vs HF generate.
@@ -213,7 +214,7 @@ def bench_step():
     for name, hidden, vocab, seed in [("student", 256, 151936, 0), ("teacher_ft", 512, 152064, 1),
                                       ("teacher_raw", 512, 152064, 2)]:
         c = qwen.QwenConfig(vocab_size=vocab, hidden_size=hidden, tie_word_embeddings=name == "student", **arch)
-        qwen.save_pretrained(qwen.init_weights(qwen.Qwen(c), seed=seed), os.path.join(path, name))
+        qwen.init_weights(qwen.Qwen(c), seed=seed).save_pretrained(os.path.join(path, name))
     student = qwen.Qwen.from_pretrained(os.path.join(path, "student")).train()
     cfg = deltakd.Config(student=os.path.join(path, "student"), teacher_ft=os.path.join(path, "teacher_ft"),
                          teacher_raw=os.path.join(path, "teacher_raw"), teacher_dtype="float32", topk=64)
@@ -271,7 +272,7 @@ def data_child(mode, path, n_rows):
         if not os.path.isdir(student):
             c = qwen.QwenConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2)
-            qwen.save_pretrained(qwen.init_weights(qwen.Qwen(c)), student)
+            qwen.init_weights(qwen.Qwen(c)).save_pretrained(student)
         cache_dir = os.path.join(os.path.dirname(path), f"cache-{n_rows}")
         cfg = deltakd.parse_args([f"--student={student}", f"--tokenizer={tok_path}", f"--train_data={path}",
                                   f"--out_dir={cache_dir}/run", f"--cache_dir={cache_dir}", "--method=sft",
@@ -360,11 +361,157 @@ def bench_topk(demo_dir="out"):
         lines.append(f"topk K={k}: mass outside top-K mean {rest.mean():.4f}, worst {rest.max():.4f}; KD loss "
                      f"{got[2] / exact[2] - 1:+.2%} vs exact; gradient cosine {cos:.4f} "
                      f"({len(y)} supervised tokens, Delta-KD target of the demo's models)")
+    # the demo's Delta-KD student trained both ways, same seed and data order
+    scores = {}
+    for name, extra in (("exact", {}), ("stored top-64", {"targets_dir": os.path.join(demo_dir, "bench-targets"),
+                                                          "topk": 64})):
+        out = os.path.join(demo_dir, "bench-delta-" + name.replace(" ", "-"))
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = deltakd.Config(student=ck("raw-student"), teacher_ft=ck("teacher-ft"), teacher_raw=ck("raw-teacher"),
+                             method="delta", train_data=os.path.join(demo_dir, "task_train.jsonl"),
+                             eval_data=os.path.join(demo_dir, "task_eval.jsonl"), out_dir=out, quiet=True,
+                             tokenizer=os.path.join(demo_dir, "tokenizer.json"), max_len=deltakd.DEMO["max_len"],
+                             eval_max_new_tokens=deltakd.DEMO["eval_max_new_tokens"], eval_batch_size=48,
+                             teacher_dtype="float32", cache_dir=os.path.join(demo_dir, "cache"),
+                             **deltakd.DEMO["distill"], **extra)
+        t0 = time.perf_counter()
+        scores[name] = (deltakd.train(cfg), time.perf_counter() - t0)
+    lines.append("demo Delta-KD student, greedy ROUGE-1/2/L: " + "; ".join(
+        f"{n} {s['rouge1']:.4f}/{s['rouge2']:.4f}/{s['rougeL']:.4f} ({t:.0f}s incl. the target pass)"
+        for n, (s, t) in scores.items()))
     return "\n".join(lines)
 
 
 def F_cos(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def gpu_model(name, dtype, device):
+    # a real Qwen2.5 config with random weights, built directly on the GPU in its dtype (no fp32 copy)
+    c = qwen.QwenConfig.from_json(os.path.join(HERE, "assets/qwen2.5", name, "config.json"))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            m = qwen.Qwen(c)
+    finally:
+        torch.set_default_dtype(old)
+    return m
+
+
+def bench_gpu():
+    """The GPU measurements of the paper-scale run in one command (under 8 minutes on one H100/H200):
+    student step tokens/s and MFU (Qwen2.5-1.5B config, batch 4 x 2048, bf16 autocast, with and without
+    checkpointing and compile); peak memory with the paper's three frozen models resident; the chunked
+    loss at 8,192 tokens vs dense; generation vs transformers at batch 16 x 256 new tokens; DDP over
+    NCCL with one process."""
+    if not torch.cuda.is_available():
+        sys.exit("bench.py --gpu: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine")
+    import torch.distributed as dist
+    dev = torch.device("cuda")
+    name, lines = torch.cuda.get_device_name(), []
+    peak = deltakd.peak_flops(deltakd.Config(), dev)
+    lines.append(f"gpu: {name}, torch {torch.__version__}, bf16 peak used for MFU: {peak / 1e12 if peak else 0:.0f} TFLOP/s")
+    # 1. student step, 1.5B, batch 4 x 2048, SFT loss through the chunked path (the training step's cost)
+    student = gpu_model("Qwen2.5-1.5B", torch.float32, dev).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, 151665, (4, 2048), device=dev)
+    labels = ids.clone()
+    spec = deltakd.LossSpec(vocab=151665, lam=1.0)
+    flops = 4 * 2048 * deltakd.flops_per_token(student.config, 2048, True)
+
+    def step(model):
+        loss, _, _, n = deltakd.forward_loss(model, student, ids, labels, None, spec)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for ckpt, compiled in ((False, False), (True, False), (True, True)):
+        student.gradient_checkpointing = ckpt
+        model = torch.compile(student, dynamic=False) if compiled else student
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step(model)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        t = cuda_time(lambda: step(model), repeats=3)
+        lines.append(f"student step 1.5B, 4x2048, bf16 autocast, checkpointing={ckpt}, compile={compiled}: "
+                     f"{4 * 2048 / t:.0f} tok/s, MFU {flops / t / peak:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+                     f"(first step {first:.1f}s)")
+    # 2. the paper's frozen models resident beside it: two 7B and the raw 1.5B, bf16
+    frozen = {"teacher_ft": gpu_model("Qwen2.5-7B-Instruct", torch.bfloat16, dev),
+              "teacher_raw": gpu_model("Qwen2.5-7B", torch.bfloat16, dev),
+              "student_raw": gpu_model("Qwen2.5-1.5B", torch.bfloat16, dev)}
+    for m in frozen.values():
+        m.eval().requires_grad_(False)
+    student.gradient_checkpointing = True
+    spec = deltakd.LossSpec(vocab=151665, lam=0.5)
+    torch.cuda.reset_peak_memory_stats()
+
+    def delta_step():
+        loss, _, _, n = deltakd.forward_loss(student, student, ids, labels, deltakd.frozen_target(frozen, ids), spec)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t = cuda_time(delta_step, repeats=2)
+    flops += 4 * 2048 * sum(deltakd.flops_per_token(m.config, 2048, False) for m in frozen.values())
+    lines.append(f"Delta-KD step with the three frozen models live (2 x 7B + 1.5B bf16), checkpointing: "
+                 f"{4 * 2048 / t:.0f} tok/s, MFU {flops / t / peak:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} "
+                 f"GiB (README budget: ~67 GB without ZeRO)")
+    del frozen, opt
+    torch.cuda.empty_cache()
+    # 3. the chunked loss at 8,192 tokens vs dense
+    h, W, lab, teachers, lspec = loss_inputs(8192, "delta")
+    h, W, lab = h.to(dev), W.to(dev), lab.to(dev)
+    teachers = {r: (t.to(dev), w.to(dev)) for r, (t, w) in teachers.items()}
+    for impl in ("chunked", "dense"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            t = cuda_time(lambda: loss_step(h, W, lab, teachers, replace(lspec, impl=impl)), repeats=3)
+            lines.append(f"loss Delta-KD {impl}, 8,192 tokens, fp32: {t * 1e3:.0f} ms, peak "
+                         f"{(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB above the inputs")
+        except torch.OutOfMemoryError:
+            lines.append(f"loss Delta-KD {impl}, 8,192 tokens: does not fit")
+        torch.cuda.empty_cache()
+    del h, W, teachers
+    # 4. generation, batch 16 x 256 new tokens, vs transformers generate (same random weights, bf16)
+    import transformers
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{k: v for k, v in student.config.to_dict().items()
+                                                                  if k != "extra"})).to(dev, torch.bfloat16).eval()
+    ours = gpu_model("Qwen2.5-1.5B", torch.bfloat16, dev).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    prompts = [torch.randint(0, 151665, (n,)).tolist() for n in range(64, 64 + 16 * 8, 8)]
+    P = max(map(len, prompts))
+    pid = torch.zeros(16, P, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(pid)
+    for i, p in enumerate(prompts):
+        pid[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        t_hf = cuda_time(lambda: hf.generate(input_ids=pid, attention_mask=mask, max_new_tokens=256, min_new_tokens=256,
+                                             do_sample=False, pad_token_id=0), repeats=2)
+        t_us = cuda_time(lambda: ours.generate(prompts, 256, eos_token_id=[-1], vocab_limit=151665), repeats=2)
+    lines.append(f"generation 1.5B bf16, batch 16 x 256 new tokens: transformers {16 * 256 / t_hf:.0f} tok/s, deltakd "
+                 f"{16 * 256 / t_us:.0f} tok/s -> {t_hf / t_us:.2f}x")
+    # 5. NCCL, one process: the DDP wrapper path of the training loop
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
+    t = cuda_time(lambda: step(ddp), repeats=2)
+    lines.append(f"DDP (NCCL, 1 process) student step: {4 * 2048 / t:.0f} tok/s")
+    dist.destroy_process_group()
+    return "\n".join(lines)
+
+
+def cuda_time(fn, repeats):
+    fn()  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
 
 
 BENCHES = {"forward": bench_forward, "generate": bench_generate, "loss": bench_loss, "rouge": bench_rouge,
@@ -376,6 +523,9 @@ if __name__ == "__main__":
         sys.exit()
     if sys.argv[1:2] == ["_data_child"]:
         data_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit()
+    if sys.argv[1:2] == ["--gpu"]:
+        print(bench_gpu(), flush=True)
         sys.exit()
     names = sys.argv[1:] or list(BENCHES)
     unknown = set(names) - set(BENCHES)

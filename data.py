@@ -16,17 +16,18 @@ next-token shift happens in the loss. Supervised = every assistant turn's conten
 <|im_end|> (so the model learns to stop); never the system/user turns, headers or padding.
 """
 
+import concurrent.futures
 import hashlib
 import itertools
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 
 import numpy as np
+
+from qwen import atomic_dir
 
 IGNORE_INDEX = -100
 # the default system prompts of the two chat templates in Qwen2.5's tokenizer_config.json
@@ -62,7 +63,7 @@ def iter_rows(path, max_rows=0):
                 n += 1
     elif path.endswith(".json"):
         with open(path, "rb") as f:
-            text = decode_utf8(f.read(), path, 0, 1)
+            text = decode_utf8(f.read(), path, 1)
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -125,18 +126,18 @@ def parquet_file(path):
     return pq.ParquetFile(path)
 
 
-def decode_utf8(raw, path, base_offset, line_no):
+def decode_utf8(raw, path, line_no):
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = line_no + raw[:e.start].count(b"\n")
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {base_offset + e.start})") from None
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start} of the line)") from None
 
 
 def parse_line(line, path, line_no, n):
     where = f"{path}:{line_no}" if line_no else f"{path}: row {n}"
     try:
-        row = json.loads(decode_utf8(line, path, 0, line_no or 0))
+        row = json.loads(decode_utf8(line, path, line_no or 0))
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: malformed JSON line ({e.msg})") from None
     return check_row(row, path, n)
@@ -407,19 +408,15 @@ def build_cache(data_path, tokenizer, path, key, max_len, system_prompt, max_row
     """Streams the data file, tokenizes blocks of rows (the tokenizer's encode_batch runs on all cores
     in a worker thread while this thread parses the next block), appends to flat files in a
     temporary directory and renames it to `path` when complete. Returns the stats."""
-    import concurrent.futures
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    files = {name: open(os.path.join(tmp, f"{name}.bin"), "wb") for name in CACHE_ARRAYS}
-    counts = dict.fromkeys(CACHE_ARRAYS, 0)
+    files, counts = {}, dict.fromkeys(CACHE_ARRAYS, 0)
     stats, n_tok, n_spans = new_stats(), 0, 0
     total_bytes = os.path.getsize(data_path)
     total_rows = max_rows or (parquet_file(data_path).metadata.num_rows if data_path.endswith(".parquet") else 0)
     t0 = last = time.time()
 
-    def write(name, array):
-        a = np.asarray(array, dtype=CACHE_ARRAYS[name])
+    def write(name, array, count=-1):
+        a = np.fromiter(array, dtype=CACHE_ARRAYS[name], count=count) if count >= 0 else \
+            np.asarray(array, dtype=CACHE_ARRAYS[name])
         a.tofile(files[name])
         counts[name] += a.size
 
@@ -429,7 +426,7 @@ def build_cache(data_path, tokenizer, path, key, max_len, system_prompt, max_row
     def flush(out):
         nonlocal n_tok, n_spans
         lens = [len(ids) for ids, _, _ in out]
-        write("input_ids", [t for ids, _, _ in out for t in ids])
+        write("input_ids", itertools.chain.from_iterable(ids for ids, _, _ in out), sum(lens))
         write("offsets", n_tok + np.cumsum(lens))
         n_tok += sum(lens)
         write("spans", [x for _, spans, _ in out for span in spans for x in span])
@@ -437,44 +434,37 @@ def build_cache(data_path, tokenizer, path, key, max_len, system_prompt, max_row
         n_spans += sum(len(spans) for _, spans, _ in out)
         write("rows", [n for _, _, n in out])
 
-    try:
-        write("offsets", [0])
-        write("span_offsets", [0])
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        pending, rows, numbers, n_read, pos = None, [], [], 0, 0
-        for n, offset, row in itertools.chain(iter_rows(data_path, max_rows), [(None, None, None)]):
-            if n is not None:
-                rows.append(row)
-                numbers.append(n)
-                n_read, pos = n + 1, offset
-                if offset >= 0:
-                    write("line_offsets", [offset])
-            if len(rows) == block_rows or (n is None and rows):
-                if pending is not None:
-                    flush(pending.result())
-                pending, rows, numbers = pool.submit(encode, rows, numbers), [], []
-            if log and time.time() - last > 10:
-                last = time.time()
-                done = n_read / total_rows if total_rows else pos / total_bytes if pos > 0 else 0
-                eta = f", about {(last - t0) * (1 - done) / done:.0f}s left" if done else ""
-                log(f"token cache: {n_read:,} rows read, {n_tok / 1e6:.1f}M tokens written, "
-                    f"{n_read / (last - t0):,.0f} rows/s, {n_tok / (last - t0) / 1e6:.2f}M tokens/s{eta}")
-        if pending is not None:
-            flush(pending.result())
-        pool.shutdown()
-        for f in files.values():
-            f.close()
+    with atomic_dir(path) as tmp, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        files.update({name: open(os.path.join(tmp, f"{name}.bin"), "wb") for name in CACHE_ARRAYS})
+        try:
+            write("offsets", [0])
+            write("span_offsets", [0])
+            pending, rows, numbers, n_read, pos = None, [], [], 0, 0
+            for n, offset, row in itertools.chain(iter_rows(data_path, max_rows), [(None, None, None)]):
+                if n is not None:
+                    rows.append(row)
+                    numbers.append(n)
+                    n_read, pos = n + 1, offset
+                    if offset >= 0:
+                        write("line_offsets", [offset])
+                if len(rows) == block_rows or (n is None and rows):
+                    if pending is not None:
+                        flush(pending.result())
+                    pending, rows, numbers = pool.submit(encode, rows, numbers), [], []
+                if log and time.time() - last > 10:
+                    last = time.time()
+                    done = n_read / total_rows if total_rows else pos / total_bytes if pos > 0 else 0
+                    eta = f", about {(last - t0) * (1 - done) / done:.0f}s left" if done else ""
+                    log(f"token cache: {n_read:,} rows read, {n_tok / 1e6:.1f}M tokens written, "
+                        f"{n_read / (last - t0):,.0f} rows/s, {n_tok / (last - t0) / 1e6:.2f}M tokens/s{eta}")
+            if pending is not None:
+                flush(pending.result())
+        finally:
+            for f in files.values():
+                f.close()
         stats["seconds"] = round(time.time() - t0, 1)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: a cache without it is never trusted
             json.dump({"key": key, "counts": counts, "stats": stats}, f, indent=1)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        for f in files.values():
-            f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 
@@ -515,10 +505,11 @@ def padding_fraction(batches, lengths):
     return 1 - real / padded
 
 
-def collate(examples, pad_id):
-    """Right-padded tensors: input_ids, labels (-100 on padding) and attention_mask, each (B, T)."""
+def collate(examples, pad_id, multiple=1):
+    """Right-padded tensors: input_ids, labels (-100 on padding) and attention_mask, each (B, T), T rounded
+    up to a multiple (so a compiled model sees few distinct shapes)."""
     import torch
-    T = max(len(ids) for ids, _ in examples)
+    T = -(-max(len(ids) for ids, _ in examples) // multiple) * multiple
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros(len(examples), T, dtype=torch.long)

@@ -22,7 +22,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import tempfile
 import time
 from typing import NamedTuple
@@ -86,6 +88,7 @@ class Config:
     grad_clip: float = 1.0      # 0 disables
     zero: bool = False          # shard AdamW state across ranks (ZeroRedundancyOptimizer)
     grad_checkpointing: bool = False
+    compile: bool = False       # torch.compile the student and the frozen models (lengths padded to a multiple of 64)
     loss_impl: str = "chunked"  # chunked (memory-flat) | dense (full logits, for checking)
     chunk_size: int = 512       # supervised tokens per loss chunk: ~8 (chunk, vocab) fp32 buffers live
     teacher_dtype: str = "bfloat16"  # frozen models; the student trains in fp32
@@ -102,7 +105,9 @@ class Config:
     resume: bool = False
     seed: int = 1337
     device: str = "auto"
+    peak_tflops: float = 0.0    # per device, for MFU in the log; 0: 989 on H100/H200, 312 on A100 (bf16 dense), else none
     quiet: bool = False         # no per-step lines (metrics.jsonl is still written)
+    dry_run: bool = False       # print the per-GPU memory plan and FLOPs per step from config.json alone, then exit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -608,14 +613,12 @@ class TargetStore:
                    for p, dt, shape in self.files(s).values())
 
     def write(self, s, target):
-        # into a temporary directory, renamed into place once every file is written
-        tmp = tempfile.mkdtemp(prefix=f".tmp-shard-{s:05d}-", dir=self.dir)
         arrays = {"ids": target.ids.cpu().numpy(), "logp": target.logp.float().cpu().numpy(),
                   "rest": target.log_rest.float().cpu().numpy()}
-        for name, (p, dt, shape) in self.files(s, tmp).items():
-            assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
-            arrays[name].astype(dt).tofile(p)
-        qwen.replace_dir(tmp, os.path.join(self.dir, f"shard-{s:05d}"))  # over a damaged one, if any
+        with qwen.atomic_dir(os.path.join(self.dir, f"shard-{s:05d}")) as tmp:  # over a damaged one, if any
+            for name, (p, dt, shape) in self.files(s, tmp).items():
+                assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
+                arrays[name].astype(dt).tofile(p)
 
     def get(self, examples, device):
         """The StoredTarget rows of these examples, concatenated in the given order."""
@@ -723,24 +726,47 @@ def autocast(device, mode="auto"):
 
 
 def save_checkpoint(cfg, step, model, optimizer, tokenizer_path, rank):
-    """out_dir/ckpt-{step}: the student in HF format + trainer_state.pt (optimizer, step, RNG states).
-    Written to a temporary directory and renamed, so a kill leaves the previous checkpoint intact."""
+    """out_dir/ckpt-{step}: a complete Hugging Face model directory (weights, config, tokenizer with its
+    chat template, generation config) + trainer_state.pt (optimizer, step, RNG states), written
+    atomically: a kill leaves the previous checkpoint intact and no half-written one."""
     if cfg.zero:
         optimizer.consolidate_state_dict(to=0)  # every rank must join; rank 0 receives the full state
     if rank != 0:
         return
-    final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
-    tmp = tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=cfg.out_dir)
-    qwen.write_pretrained(model, tmp)
-    shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               os.path.join(tmp, "trainer_state.pt"))
-    qwen.replace_dir(tmp, final)
+    with qwen.atomic_dir(os.path.join(cfg.out_dir, f"ckpt-{step:07d}")) as tmp:
+        model.write_pretrained(tmp)
+        write_tokenizer_files(tmp, tokenizer_path, cfg.system_prompt)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "numpy": np.random.get_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   os.path.join(tmp, "trainer_state.pt"))
     for old in checkpoints(cfg.out_dir)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_tokenizer_files(directory, tokenizer_path, system_prompt):
+    """tokenizer.json, tokenizer_config.json and generation_config.json beside the weights, so that
+    transformers' AutoTokenizer renders exactly data.render_chat (the official Qwen2.5 chat template
+    with this run's system prompt as its default) and a serving stack stops where evaluation stops."""
+    shutil.copy(tokenizer_path, os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(HERE, "assets/qwen2.5/Qwen2.5-1.5B-Instruct/tokenizer_config.json")) as f:
+        tc = json.load(f)
+    literal = system_prompt.replace("\\", "\\\\").replace("'", "\\'")  # inside a jinja '...' string
+    tc["chat_template"] = tc["chat_template"].replace(data.SYSTEM_PROMPT_INSTRUCT, literal)
+    with open(tokenizer_path) as f:
+        added = json.load(f).get("added_tokens", [])
+    tc["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                   "single_word", "special")} for t in added}
+    names = {t["content"] for t in added}
+    tc["additional_special_tokens"] = [t for t in tc["additional_special_tokens"] if t in names]
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2)
+    ids = {t["content"]: t["id"] for t in added}
+    gen = {"bos_token_id": ids.get("<|endoftext|>"), "pad_token_id": ids.get("<|endoftext|>"), "do_sample": False,
+           "eos_token_id": [ids.get("<|im_end|>"), ids.get("<|endoftext|>")]}
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
 
 
 def load_checkpoint(cfg, model, optimizer, device):
@@ -788,6 +814,113 @@ def forward_loss(ddp_model, model, input_ids, labels, target, spec, mode="auto")
     with autocast(input_ids.device, mode):
         h = ddp_model(input_ids, return_hidden=True)
     return distill_loss(h, model.lm_head.weight, labels, target, spec)
+
+
+def flops_per_token(c, T, train):
+    """Model FLOPs of one token in a sequence of T tokens (PaLM's accounting): 2 per parameter per
+    token forward (the embedding lookup is no matmul; a tied lm_head is), plus attention's
+    QK^T and AV, 4 * layers * hidden * T forward; training is 3x forward (no recomputation counted)."""
+    n = (c.num_hidden_layers * (4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2
+         + 3 * c.hidden_size * c.intermediate_size) + c.vocab_size * c.hidden_size)
+    forward = 2 * n + 4 * c.num_hidden_layers * c.hidden_size * T
+    return 3 * forward if train else forward
+
+
+def peak_flops(cfg, device):
+    # bf16 dense peak per device, from the device name unless --peak_tflops says otherwise
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((p * 1e12 for k, p in (("H100", 989), ("H200", 989), ("A100", 312)) if k in name), None)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM and most clusters send before a kill) only set a flag; the loop
+    finishes the optimizer step, all ranks agree, a checkpoint is written and the run exits 0, so
+    a requeued job with --resume=true continues bit-exactly."""
+
+    def __init__(self):
+        self.requested = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def agreed(self, device):
+        # one rank's signal stops every rank at the same step
+        return all_reduce(torch.tensor(float(self.requested is not None), device=device)).item() > 0
+
+
+LOSS_BUFFERS = 6  # (chunk, vocab) fp32 tensors live at once in chunk_loss: z, logq, q, dz, the target's logits and
+                  # log-probabilities (measured: bench.py / test_deltakd's dry-run test)
+
+
+def activation_bytes(c, tokens, act_bytes, checkpointing):
+    """Activations kept for backward: per layer and token, the fp32 residual stream into both RMSNorms
+    (8C) and, in the autocast dtype, the normed inputs, q/k before and after RoPE, v, the attention
+    output and its re-layout, and SwiGLU's gate, up, silu and product (6C + 3 C_kv + 4I). With
+    checkpointing only each layer's input (4C) stays, plus one layer's worth during recomputation."""
+    C, I = c.hidden_size, c.intermediate_size
+    kv = C * c.num_key_value_heads // c.num_attention_heads
+    layer = 8 * C + act_bytes * (6 * C + 3 * kv + 4 * I)
+    if checkpointing:
+        return tokens * (4 * C * c.num_hidden_layers + layer)
+    return tokens * layer * c.num_hidden_layers
+
+
+def act_bytes(cfg):
+    # the plan is for the GPUs of the run: bf16 autocast unless it is switched off or the device is the CPU
+    return 4 if cfg.autocast == "none" or (cfg.autocast == "auto" and cfg.device == "cpu") else 2
+
+
+def memory_plan(cfg, configs, world):
+    """[(item, bytes per GPU)] of a run: configs {role: QwenConfig} with the student under "student"."""
+    def params(c):
+        with torch.device("meta"):
+            return qwen.num_parameters(qwen.Qwen(c))
+    s = configs["student"]
+    n = params(s)
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.teacher_dtype]
+    act = act_bytes(cfg)
+    rows = [(f"student weights fp32 ({n:,} params)", 4 * n), ("student gradients fp32", 4 * n),
+            (f"AdamW m + v fp32{f' (ZeRO over {world} ranks)' if cfg.zero else ''}", 8 * n // (world if cfg.zero else 1))]
+    for role, c in configs.items():
+        if role != "student":
+            m = params(c)
+            rows.append((f"{role} {cfg.teacher_dtype} ({m:,} params)", dtype_bytes * m))
+    V = configs["student"].vocab_size
+    rows.append((f"loss: {LOSS_BUFFERS} ({cfg.chunk_size} x vocab) fp32 buffers + fp32 lm_head gradient",
+                 4 * (LOSS_BUFFERS * cfg.chunk_size * V + s.vocab_size * s.hidden_size)))
+    tokens = cfg.batch_size * cfg.max_len
+    rows.append((f"activations {cfg.batch_size} x {cfg.max_len}, {'bf16' if act == 2 else 'fp32'}, "
+                 f"checkpointing={'on' if cfg.grad_checkpointing else 'off'}",
+                 activation_bytes(s, tokens, act, cfg.grad_checkpointing)))
+    return rows
+
+
+def dry_run(cfg):
+    """--dry_run=true: every model of the run built on the meta device from its config.json (no weight
+    is read), the per-GPU memory plan and the model FLOPs of one optimizer step; returns the plan."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    roles = {"student": cfg.student, **({} if cfg.targets_dir else
+                                        {r: p for r, p in needed_models(cfg).items() if r in METHODS[cfg.method].frozen})}
+    configs = {r: qwen.QwenConfig.from_json(os.path.join(p, "config.json")) for r, p in roles.items()}
+    rows = memory_plan(cfg, configs, world)
+    T = cfg.max_len
+    flops = world * cfg.grad_accum * cfg.batch_size * T * (
+        flops_per_token(configs["student"], T, True)
+        + sum(flops_per_token(c, T, False) for r, c in configs.items() if r != "student"))
+    other = activation_bytes(configs["student"], cfg.batch_size * T, act_bytes(cfg), not cfg.grad_checkpointing)
+    print(f"memory plan per GPU (world size {world}, --method={cfg.method}"
+          f"{', stored targets' if cfg.targets_dir else ''}):")
+    for item, b in rows:
+        print(f"  {item:<78} {b / 1e9:7.2f} GB")
+    print(f"  {'total':<78} {sum(b for _, b in rows) / 1e9:7.2f} GB")
+    print(f"  (activations with checkpointing {'off' if cfg.grad_checkpointing else 'on'} instead: {other / 1e9:.2f} GB)")
+    print(f"model FLOPs per optimizer step (all ranks, every sequence {T} tokens): {flops:.3e}")
+    return rows
 
 
 def build_optimizer(cfg, model, device):
@@ -860,14 +993,27 @@ def train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, 
             "tokens": n_in, "supervised_tokens": n_tokens}
 
 
-def log_step(cfg, step, total, rec, dt, t_start, metrics_path):
-    rec = {"step": step, **{k: v for k, v in rec.items() if k != "tokens"}, "tokens_per_s": rec["tokens"] / dt}
+def step_flops(micro, lengths, student_config, frozen_configs, device):
+    # model FLOPs of this step on all ranks: the student trained on every real token, each frozen model forward
+    total = 0.0
+    for _, _, examples in micro:
+        for T in lengths[examples].tolist():
+            total += T * flops_per_token(student_config, T, True)
+            total += sum(T * flops_per_token(c, T, False) for c in frozen_configs)
+    return all_reduce(torch.tensor(total, dtype=torch.float64, device=device)).item()
+
+
+def log_step(cfg, step, total, rec, dt, t_start, metrics_path, flops, peak, world):
+    rec = {"step": step, **{k: v for k, v in rec.items() if k != "tokens"}, "tokens_per_s": rec["tokens"] / dt,
+           "tflops_per_device": flops / dt / world / 1e12, "mfu": flops / dt / world / peak if peak else None}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
     if not cfg.quiet:
         eta = (time.time() - t_start) / step * (total - step)
+        mfu = f"mfu {rec['mfu']:.1%}" if peak else f"{rec['tflops_per_device']:.2f} TFLOP/s/device"
         print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
-              f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | eta {eta:.0f}s")
+              f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {mfu} | "
+              f"eta {eta:.0f}s")
 
 
 def log_eval(cfg, step, scores, master, metrics_path):
@@ -905,6 +1051,8 @@ def train(cfg):
             return {}
     elif cfg.method != "seqkd":
         frozen = load_frozen(cfg, device)
+        if cfg.compile:
+            frozen = {r: torch.compile(m) for r, m in frozen.items()}
 
     def target_of(input_ids, examples):
         if store:
@@ -915,6 +1063,8 @@ def train(cfg):
     model = qwen.Qwen.from_pretrained(cfg.student, dtype=torch.float32, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    if cfg.compile:  # the lengths are padded to a multiple of 64 below: few shapes, each compiled once
+        ddp_model = torch.compile(ddp_model)
     optimizer = build_optimizer(cfg, model, device)
 
     batches = Batches(cfg, cache.lengths[train_idx], world)
@@ -924,6 +1074,8 @@ def train(cfg):
     step = load_checkpoint(cfg, model, optimizer, device) if cfg.resume and checkpoints(cfg.out_dir) else 0
 
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    frozen_configs = [m.config for m in frozen.values()]
+    peak, preemption = peak_flops(cfg, device), Preemption()
     model.train()
     t_start, scores = time.time(), {}
     while step < total:
@@ -931,11 +1083,19 @@ def train(cfg):
         micro = []
         for b in batches.at(step, rank, world):
             examples = train_idx[b]
-            micro.append((*data.collate([cache.example(i) for i in examples], pad_id)[:2], examples))
+            micro.append((*data.collate([cache.example(i) for i in examples], pad_id, 64 if cfg.compile else 1)[:2],
+                          examples))
         rec = train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, spec, world, device)
+        flops = step_flops(micro, cache.lengths, model.config, frozen_configs, device)
         step += 1
         if master:
-            log_step(cfg, step, total, rec, time.time() - t0, t_start, metrics_path)
+            log_step(cfg, step, total, rec, time.time() - t0, t_start, metrics_path, flops, peak, world)
+        if preemption.agreed(device):
+            save_checkpoint(cfg, step, model, optimizer, tok_path, rank)
+            if master:
+                print(f"{preemption.requested or 'a signal on another rank'}: saved step {step} to {cfg.out_dir}; "
+                      "exiting (continue with --resume=true)", flush=True)
+            return {}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total and prompts:
             scores = evaluate(model, prompts, refs, tokenizer, cfg, rank, world, f"step{step}")
             log_eval(cfg, step, scores, master, metrics_path)
@@ -1004,7 +1164,7 @@ def demo(cfg):
         c = qwen.QwenConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=DEMO["max_len"],
                             tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, torch_dtype="float32", **arch)
         path = os.path.join(root, name)
-        qwen.save_pretrained(qwen.init_weights(qwen.Qwen(c), seed=seed), path)
+        qwen.init_weights(qwen.Qwen(c), seed=seed).save_pretrained(path)
         shutil.copy(tok_path, path)
         return path
 
@@ -1055,14 +1215,17 @@ def demo(cfg):
 def main(argv):
     cfg = parse_args(argv)
     try:
-        if cfg.student:
+        if cfg.dry_run:
+            dry_run(cfg)
+        elif cfg.student:
             train(cfg)
         else:
             demo(cfg)
-    except (OSError, ValueError, KeyError) as e:  # bad files, rows, keys: one line that names them
+    except (OSError, data.DataError, qwen.CheckpointError) as e:  # bad files, rows, checkpoints: one line
         sys.exit(f"error: {e}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

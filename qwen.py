@@ -10,6 +10,7 @@ so checkpoints load with strict=True and no renaming. Read bottom-up: norm -> ro
 MLP -> block -> model -> generation -> loading/saving.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # config
+
+
+class CheckpointError(ValueError):
+    """A model directory this implementation cannot load (named file, key and reason)."""
 
 
 @dataclass
@@ -54,28 +59,28 @@ class QwenConfig:
     def from_dict(cls, d, source="config"):
         # Refuse what this model does not implement rather than silently computing something else.
         if d.get("model_type", "qwen2") != "qwen2":
-            raise ValueError(f"{source}: model_type={d['model_type']!r}; only 'qwen2' (Qwen-2/2.5) is implemented")
+            raise CheckpointError(f"{source}: model_type={d['model_type']!r}; only 'qwen2' (Qwen-2/2.5) is implemented")
         rs = d.get("rope_scaling") or d.get("rope_parameters")
         if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope_scaling={rs!r} is not implemented (only default RoPE)")
+            raise CheckpointError(f"{source}: rope_scaling={rs!r} is not implemented (only default RoPE)")
         if d.get("use_sliding_window", False) or "sliding_attention" in (d.get("layer_types") or []):
-            raise ValueError(f"{source}: use_sliding_window=true is not implemented (Qwen2.5 ships it off)")
+            raise CheckpointError(f"{source}: use_sliding_window=true is not implemented (Qwen2.5 ships it off)")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act={d['hidden_act']!r}; only 'silu' is implemented")
+            raise CheckpointError(f"{source}: hidden_act={d['hidden_act']!r}; only 'silu' is implemented")
         if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
-            raise ValueError(f"{source}: head_dim={d['head_dim']} != hidden_size/num_attention_heads")
+            raise CheckpointError(f"{source}: head_dim={d['head_dim']} != hidden_size/num_attention_heads")
         names = {f.name for f in fields(cls)} - {"extra"}
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
         if missing:
-            raise ValueError(f"{source}: missing key(s) {missing}")
+            raise CheckpointError(f"{source}: missing key(s) {missing}")
         kw = {k: v for k, v in d.items() if k in names and v is not None}
         if rs and "rope_theta" in rs:  # transformers >= 5 nests rope_theta in rope_parameters
             kw["rope_theta"] = rs["rope_theta"]
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
         cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names})
         if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(f"{source}: num_attention_heads={cfg.num_attention_heads} must divide hidden_size"
+            raise CheckpointError(f"{source}: num_attention_heads={cfg.num_attention_heads} must divide hidden_size"
                              f"={cfg.hidden_size} and be a multiple of num_key_value_heads={cfg.num_key_value_heads}")
         return cfg
 
@@ -137,17 +142,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # static KV cache: write this step's keys/values, attend over the filled prefix
+        if cache is not None:
+            # static KV cache (B, n_kv_head, L, head_dim): write this input's keys/values at cache_pos (T,),
+            # attend over all L slots (mask says which are real): every shape is fixed, as CUDA graphs need
             k_cache, v_cache = cache
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+            k_cache.index_copy_(2, cache_pos, k)
+            v_cache.index_copy_(2, cache_pos, v)
+            k, v = k_cache, v_cache
         # mask None means plain causal attention (no padding on the left), which lets SDPA pick flash kernels
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_kv_head)
@@ -173,8 +180,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -212,12 +219,13 @@ class Qwen(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
-        """Final-norm hidden states (B, T, hidden_size), without the lm_head. attention_mask (B, T) with
-        1 for real tokens; None means no padding (or right padding only, whose outputs are ignored)."""
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, mask=None, cache=None, cache_pos=None):
+        """Final-norm hidden states (B, T, hidden_size), without the lm_head: the one path through the
+        decoder, for training, scoring, prefill and decoding. attention_mask (B, T) with 1 for real
+        tokens; None means no padding (or right padding only, whose outputs are ignored). Generation
+        passes its own 4D mask over a static KV cache (cache: one (k, v) pair per layer) instead."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask_4d(attention_mask)
             if position_ids is None:
@@ -225,11 +233,11 @@ class Qwen(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for block in self.model.layers:
+        for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask)
+                x = block(x, cos, sin, mask, cache[i] if cache else None, cache_pos)
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, return_hidden=False):
@@ -238,67 +246,143 @@ class Qwen(nn.Module):
         return h if return_hidden else self.lm_head(h)  # (B, T, hidden_size) or (B, T, vocab_size)
 
     # -------------------------------------------------------------------------
+    # loading and saving Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """A model directory (config.json + model.safetensors or a sharded index) -> Qwen, strict: a
+        missing, unexpected or misshapen tensor raises CheckpointError naming the file and key."""
+        files = checkpoint_files(path)
+        cfg = QwenConfig.from_json(os.path.join(path, "config.json"))
+        # build on the meta device: no memory and no random init for weights that are about to arrive
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")  # tied checkpoints (HF's default when tied) have no lm_head.weight
+        sd = {}
+        for file in files:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key not in expected:
+                        if cfg.tie_word_embeddings and key == "lm_head.weight":
+                            continue  # some tied checkpoints store the shared matrix twice
+                        raise CheckpointError(f"{file}: unexpected key {key!r} for a Qwen2 model with this config.json")
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[key]):
+                        raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}, config.json implies "
+                                              f"{tuple(expected[key])}")
+                    sd[key] = t.to(dtype)
+        missing = sorted(set(expected) - set(sd))
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} key(s), e.g. {missing[:3]}")
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign=True replaced both Parameters; make them one again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    def save_pretrained(self, path, max_shard_size=5 * 1024**3):
+        """config.json + safetensors (sharded with an index above max_shard_size bytes), loadable by
+        transformers, written atomically: an interrupted save never leaves a half checkpoint at path."""
+        with atomic_dir(path) as tmp:
+            self.write_pretrained(tmp, max_shard_size)
+
+    def write_pretrained(self, directory, max_shard_size=5 * 1024**3):
+        # the files of save_pretrained, into an existing directory (the trainer adds its own beside them)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # safetensors refuses shared storage; HF re-ties on load
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_size:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + nbytes
+        shards.append(cur)
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    # -------------------------------------------------------------------------
     # generation
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_token_id, vocab_limit=None, temperature=0.0,
                  top_p=1.0, top_k=0, seed=0, pad_token_id=0):
-        """Batched generation with a static KV cache. prompts: list of token-id lists (any lengths,
-        left-padded internally). Greedy when temperature == 0, else temperature / top-k / top-p
-        sampling from a torch.Generator seeded with `seed`. Stops a row at any id in eos_token_id.
-        Ids >= vocab_limit (Qwen's padded embedding rows, beyond the tokenizer) are never emitted.
-        Returns one list per prompt of the new ids, including the eos id when one was emitted."""
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        V = vocab_limit or self.config.vocab_size
-        dev = self.lm_head.weight.device
-        dtype = self.lm_head.weight.dtype
-        B, P = len(prompts), max(len(p) for p in prompts)
+        """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
+        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim.
+        prompts: list of token-id lists (any lengths, left-padded internally). Greedy when
+        temperature == 0, else temperature / top-k / top-p sampling from a torch.Generator seeded with
+        `seed`. Stops a row at any id in eos_token_id. Ids >= vocab_limit (Qwen's padded embedding rows,
+        beyond the tokenizer) are never emitted. Returns one list per prompt of the new ids, including
+        the eos id when one was emitted."""
         if min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
+        cfg, dev, dtype = self.config, self.lm_head.weight.device, self.lm_head.weight.dtype
+        B, P = len(prompts), max(len(p) for p in prompts)
         L = P + max_new_tokens
         ids = torch.full((B, P), pad_token_id, dtype=torch.long)
-        key_mask = torch.zeros(B, L, dtype=torch.bool)
+        key_mask = torch.zeros(B, L, dtype=torch.bool)  # which cache slots hold real tokens
         for i, p in enumerate(prompts):
             ids[i, P - len(p):] = torch.tensor(p)
             key_mask[i, P - len(p):P] = True
-        ids, key_mask, eos = ids.to(dev), key_mask.to(dev), eos.to(dev)
-        cfg = self.config
-        caches = [(torch.empty(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype),
-                   torch.empty(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype))
-                  for _ in self.model.layers]
+        ids, key_mask = ids.to(dev), key_mask.to(dev)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
+        cache = [(torch.zeros(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype),
+                  torch.zeros(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype))
+                 for _ in self.model.layers]  # zeros: masked slots must hold no NaN (0 * NaN is NaN)
         gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
+        V = vocab_limit or cfg.vocab_size
 
+        # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
         pos_ids = position_ids_from_mask(key_mask[:, :P])
-        mask = attention_mask_4d(key_mask[:, :P]) if not bool(key_mask[:, :P].all()) else None
-        x, pos = ids, 0
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+        causal = torch.ones(P, L, dtype=torch.bool, device=dev).tril()
+        mask = (causal & key_mask[:, None, None, :]) | torch.eye(P, L, dtype=torch.bool, device=dev)
+        h = self.hidden_states(ids, position_ids=pos_ids, mask=mask, cache=cache,
+                               cache_pos=torch.arange(P, device=dev))
+        logits = F.linear(h[:, -1], self.lm_head.weight[:V]).float()  # (B, V): the real vocabulary only
+        out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        pos_ids = pos_ids[:, -1:]
         n = 0
         for n in range(max_new_tokens):
-            h = self.model.embed_tokens(x)
-            cos, sin = rope_cos_sin(pos_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
-            for block, cache in zip(self.model.layers, caches):
-                h = block(h, cos, sin, mask, cache, pos)
-            # only the last position's logits are needed; slice the lm_head to the real vocabulary
-            logits = F.linear(self.model.norm(h[:, -1]), self.lm_head.weight[:V]).float()  # (B, V)
-            nxt = sample(logits, temperature, top_p, top_k, gen)
-            nxt = torch.where(done, pad_token_id, nxt)
+            nxt = torch.where(done, pad_token_id, sample(logits, temperature, top_p, top_k, gen))
             out[:, n] = nxt
             done |= torch.isin(nxt, eos)
-            if bool(done.all()):
+            if n == max_new_tokens - 1 or bool(done.all()):
                 break
-            pos += x.shape[1]
-            key_mask[:, pos] = True
-            mask = key_mask[:, None, None, :pos + 1]  # (B, 1, 1, pos+1): each new token sees all real keys
-            pos_ids = pos_ids[:, -1:] + 1
-            x = nxt[:, None]
-        # cut each row after its first eos (later slots hold pad ids)
+            key_mask[:, P + n] = True
+            pos_ids = pos_ids + 1
+            logits = self.decode_step(nxt[:, None], pos_ids, key_mask[:, None, None, :], cache,
+                                      torch.tensor([P + n], device=dev), V)
+        # trim each row after its first eos (later slots hold pad ids)
         eos_ids = set(eos.tolist())
         result = []
         for row in out[:, :n + 1].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
             result.append(row[:end])
         return result
+
+    def decode_step(self, x, position_ids, mask, cache, cache_pos, vocab_limit):
+        """One token per row: x (B, 1), position_ids (B, 1), mask (B, 1, 1, L) over the cache slots,
+        cache_pos (1,) the slot to write. Returns fp32 logits (B, vocab_limit). Every shape is fixed."""
+        h = self.hidden_states(x, position_ids=position_ids, mask=mask, cache=cache, cache_pos=cache_pos)
+        return F.linear(h[:, -1], self.lm_head.weight[:vocab_limit]).float()
 
 
 def sample(logits, temperature, top_p, top_k, generator):
@@ -321,7 +405,7 @@ def sample(logits, temperature, top_p, top_k, generator):
 # loading and saving HF checkpoints
 
 
-def _checkpoint_files(path):
+def checkpoint_files(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     index = os.path.join(path, "model.safetensors.index.json")
@@ -339,88 +423,20 @@ def _checkpoint_files(path):
     return [single]
 
 
-def from_pretrained(path, dtype=torch.float32, device="cpu"):
-    files = _checkpoint_files(path)
-    cfg = QwenConfig.from_json(os.path.join(path, "config.json"))
-    # build on the meta device: no memory and no random init for weights that are about to arrive
-    with torch.device("meta"):
-        model = Qwen(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")  # tied checkpoints (HF's default when tied) have no lm_head.weight
-    sd, origin = {}, {}
-    for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                if key not in expected:
-                    if cfg.tie_word_embeddings and key == "lm_head.weight":
-                        continue  # some tied checkpoints store the shared matrix twice
-                    raise KeyError(f"{file}: unexpected key {key!r} for a Qwen2 model with this config.json")
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[key]):
-                    raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, config.json implies "
-                                     f"{tuple(expected[key])}")
-                sd[key], origin[key] = t.to(dtype), file
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise KeyError(f"{path}: checkpoint is missing {len(missing)} key(s), e.g. {missing[:3]}")
-    if cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_word_embeddings:  # assign=True replaced both Parameters; make them one again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-Qwen.from_pretrained = staticmethod(from_pretrained)
-
-
-def save_pretrained(model, path, max_shard_size=5 * 1024**3):
-    """Writes config.json + safetensors (sharded with an index above max_shard_size bytes), loadable by
-    transformers. Written into a temporary sibling directory and renamed into place, so an
-    interrupted save never leaves a half checkpoint under `path`."""
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yields a temporary sibling directory to fill; renames it to path when the block completes (over an
+    older path, if any), and removes it if the block fails or is interrupted. Every directory deltakd
+    writes (checkpoints, token caches, target shards) goes through here."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=os.path.dirname(path))
     try:
-        write_pretrained(model, tmp, max_shard_size)
+        yield tmp
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def write_pretrained(model, directory, max_shard_size=5 * 1024**3):
-    # the non-atomic part of save_pretrained: files into an existing directory
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight")  # safetensors refuses shared storage; HF re-ties on load
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > max_shard_size:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + nbytes
-    shards.append(cur)
-    cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-Qwen.save_pretrained = save_pretrained
 
 
 def replace_dir(src, dst):
