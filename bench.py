@@ -64,15 +64,53 @@ MINI = dict(vocab_size=151936, hidden_size=512, intermediate_size=2048, num_hidd
 
 
 def bench_forward():
+    lines = []
     hf, ours = hf_and_ours(MINI)
     x = torch.randint(0, 151665, (4, 256))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() < 1e-4
         t = timeit({"transformers": lambda: hf(x).logits, "deltakd": lambda: ours(x)}, repeats=5)
-    tok = x.numel()
-    return (f"forward (B=4, T=256, fp32, {qwen.num_parameters(ours) / 1e6:.0f}M params): transformers "
-            f"{tok / t['transformers']:.0f} tok/s, deltakd {tok / t['deltakd']:.0f} tok/s -> "
-            f"{t['transformers'] / t['deltakd']:.2f}x")
+    lines.append(f"forward (B=4, T=256, fp32, {qwen.num_parameters(ours) / 1e6:.0f}M params): transformers "
+                 f"{x.numel() / t['transformers']:.0f} tok/s, deltakd {x.numel() / t['deltakd']:.0f} tok/s -> "
+                 f"{t['transformers'] / t['deltakd']:.2f}x")
+    # a real Qwen2.5-0.5B shape (random weights from the bundled config), full logits, 1 x 512
+    cfg = json.load(open(os.path.join(HERE, "assets/qwen2.5/Qwen2.5-0.5B/config.json")))
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+    hf, ours = hf_and_ours({k: cfg[k] for k in keep})
+    x = torch.randint(0, 151665, (1, 512))
+    for dtype in (torch.float32, torch.bfloat16):
+        hf, ours = hf.to(dtype), ours.to(dtype)
+        with torch.no_grad():
+            t = timeit({"transformers": lambda: hf(x).logits, "deltakd": lambda: ours(x)}, repeats=7)
+        lines.append(f"forward Qwen2.5-0.5B shape ({qwen.num_parameters(ours) / 1e6:.0f}M params, 1 x 512, "
+                     f"{str(dtype)[6:]}, full logits): transformers {t['transformers'] * 1e3:.0f} ms, deltakd "
+                     f"{t['deltakd'] * 1e3:.0f} ms -> {t['transformers'] / t['deltakd']:.2f}x")
+    return "\n".join(lines)
+
+
+def bench_compile():
+    """--compile on this CPU: the student step (256 wide x 4 layers, vocab 151,936, batch 4 x 256, SFT
+    through the chunked loss) compiled vs eager: compile time and steady step time."""
+    c = qwen.QwenConfig(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=2)
+    student = qwen.init_weights(qwen.Qwen(c)).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    ids = torch.randint(0, 151665, (4, 256), generator=torch.Generator().manual_seed(0))
+    spec = deltakd.LossSpec(vocab=151665, lam=1.0)
+    compiled = torch.compile(student)
+
+    def step(model):
+        loss, _, _, n = deltakd.forward_loss(model, student, ids, ids, None, spec)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    step(compiled)
+    first = time.perf_counter() - t0
+    t = timeit({"eager": lambda: step(student), "compiled": lambda: step(compiled)}, repeats=3)
+    return (f"compile (student 256x4, batch 4x256, SFT step, CPU): first compiled step {first:.1f}s; steady "
+            f"eager {t['eager']:.2f}s, compiled {t['compiled']:.2f}s -> {t['eager'] / t['compiled']:.2f}x")
 
 
 # the demo's teacher: small enough that per-step overhead, not reading weights, sets the speed
@@ -515,7 +553,7 @@ def cuda_time(fn, repeats):
 
 
 BENCHES = {"forward": bench_forward, "generate": bench_generate, "loss": bench_loss, "rouge": bench_rouge,
-           "step": bench_step, "data": bench_data, "topk": bench_topk}
+           "step": bench_step, "data": bench_data, "topk": bench_topk, "compile": bench_compile}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_loss_child"]:

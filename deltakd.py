@@ -280,7 +280,8 @@ def chunk_loss(z, targets, target, spec):
     if target is None:
         return lam * sft, sft, torch.zeros_like(sft), dz
     stored = isinstance(target, StoredTarget)
-    logp = torch.cat([target.logp, target.log_rest[:, None]], 1) if stored else F.log_softmax(target / tau, dim=-1)
+    logp = (torch.cat([target.logp, target.log_rest[:, None]], 1) if stored
+            else F.log_softmax(target / tau if tau != 1.0 else target, dim=-1))
     divergence = DIVERGENCES[spec.divergence]
     logq_kd = bucket_logq(logq, target) if stored else logq
     kd = divergence(logp, logq_kd).sum()
@@ -358,6 +359,7 @@ def distill_loss(h, weight, labels, target, spec):
     position (in the order of shift_labels' mask). spec.impl "chunked" (memory-flat) or "dense"
     (full (B, T, V) logits through the pure functions above: the reference the chunked path equals)."""
     V, lam = spec.vocab, spec.lam
+    target = target or None  # {}: no frozen model (SFT)
     mask, targets = shift_labels(labels)
     if spec.impl == "chunked" or isinstance(target, StoredTarget):
         sel = {r: (t[:, :-1][mask], w) for r, (t, w) in target.items()} if isinstance(target, dict) else target
@@ -853,8 +855,10 @@ class Preemption:
         return all_reduce(torch.tensor(float(self.requested is not None), device=device)).item() > 0
 
 
-LOSS_BUFFERS = 6  # (chunk, vocab) fp32 tensors live at once in chunk_loss: z, logq, q, dz, the target's logits and
-                  # log-probabilities (measured: bench.py / test_deltakd's dry-run test)
+# (chunk, vocab) fp32 tensors live at once in chunk_loss. With a KD term: z, logq, q, dz, the target's logits
+# and log-probabilities, and the divergence's three elementwise temporaries; SFT alone: z, logq, q, dz.
+# (Measured: a CPU step peaks inside the loss; test_deltakd's dry-run test holds the plan to 20%.)
+LOSS_BUFFERS = {"kd": 9, "sft": 4}
 
 
 def activation_bytes(c, tokens, act_bytes, checkpointing):
@@ -890,9 +894,9 @@ def memory_plan(cfg, configs, world):
         if role != "student":
             m = params(c)
             rows.append((f"{role} {cfg.teacher_dtype} ({m:,} params)", dtype_bytes * m))
-    V = configs["student"].vocab_size
-    rows.append((f"loss: {LOSS_BUFFERS} ({cfg.chunk_size} x vocab) fp32 buffers + fp32 lm_head gradient",
-                 4 * (LOSS_BUFFERS * cfg.chunk_size * V + s.vocab_size * s.hidden_size)))
+    buffers = LOSS_BUFFERS["kd" if METHODS[cfg.method].divergence else "sft"]
+    rows.append((f"loss: {buffers} ({cfg.chunk_size} x vocab) fp32 buffers + fp32 lm_head gradient",
+                 4 * (buffers * cfg.chunk_size * s.vocab_size + s.vocab_size * s.hidden_size)))
     tokens = cfg.batch_size * cfg.max_len
     rows.append((f"activations {cfg.batch_size} x {cfg.max_len}, {'bf16' if act == 2 else 'fp32'}, "
                  f"checkpointing={'on' if cfg.grad_checkpointing else 'off'}",
@@ -1214,6 +1218,9 @@ def demo(cfg):
 
 def main(argv):
     cfg = parse_args(argv)
+    if not cfg.student and not cfg.dry_run and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("the demo (no --student) runs in one process; under torchrun every rank would rebuild "
+                         "the same directories. Run `python deltakd.py`, or pass --student=... to train")
     try:
         if cfg.dry_run:
             dry_run(cfg)

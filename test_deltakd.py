@@ -1163,10 +1163,10 @@ def test_dry_run_plans_the_paper_run_from_the_configs_alone(capsys, monkeypatch)
     n_s, n_t = 1_543_714_304, 7_615_616_512
     plan = [b for _, b in deltakd.dry_run(deltakd.parse_args(argv))]
     assert plan[:6] == [4 * n_s, 4 * n_s, 8 * n_s, 2 * n_t, 2 * n_t, 2 * n_s]
-    assert 60e9 < sum(plan) < 66e9  # the README's table: 63.3 GB per GPU without ZeRO
+    assert 63e9 < sum(plan) < 65e9  # the README's table: 64.2 GB per GPU without ZeRO
     monkeypatch.setenv("WORLD_SIZE", "8")
     zero = [b for _, b in deltakd.dry_run(deltakd.parse_args(argv + ["--zero=true"]))]
-    assert zero[2] == 8 * n_s // 8 and 51e9 < sum(zero) < 54e9  # 52.5 GB with ZeRO over 8 ranks
+    assert zero[2] == 8 * n_s // 8 and 53e9 < sum(zero) < 54e9  # 53.4 GB with ZeRO over 8 ranks
     stored = [b for _, b in deltakd.dry_run(deltakd.parse_args(argv + ["--zero=true", "--targets_dir=x"]))]
     assert len(stored) == len(zero) - 3 and sum(stored) < 20e9  # no frozen model with stored targets
     assert "model FLOPs per optimizer step" in capsys.readouterr().out
