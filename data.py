@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import random
 import time
 
 import numpy as np

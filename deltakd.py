@@ -242,7 +242,7 @@ class StoredTarget(NamedTuple):
     logp: torch.Tensor      # (N, K) float32
     log_rest: torch.Tensor  # (N,) float32, >= LOG_FLOOR
 
-    def __getitem__(self, s):
+    def __getitem__(self, s):  # rows, not fields: target[a:b] is the target of positions a..b-1
         return StoredTarget(self.ids[s], self.logp[s], self.log_rest[s])
 
 
@@ -449,10 +449,11 @@ def check_inputs(cfg):
 def wait_until(ready, what, rank, every=300):
     """Polls the file system until ready() is true. Not a collective: a wait on a build that takes
     hours outlives NCCL's 10-minute timeout. If the builder dies, torchrun stops this rank too."""
-    t0 = time.time()
+    t0 = next_note = time.time()
     while not ready():
-        if rank == 1 and (time.time() - t0) // every != (time.time() - t0 - 1) // every:
-            print(f"rank {rank}: waiting for {what} ({time.time() - t0:.0f}s so far)", flush=True)
+        if rank == 1 and time.time() >= next_note:  # one rank speaks for the waiting ones
+            print(f"rank 1: waiting for {what} ({time.time() - t0:.0f}s so far)", flush=True)
+            next_note += every
         time.sleep(1)
 
 
@@ -475,9 +476,8 @@ def token_cache(cfg, path, tok_path, tokenizer, rank):
                 f.write(json.dumps({"cache": os.path.basename(where), "time": time.time(), "pid": os.getpid(),
                                     "host": os.uname().nodename, **stats}) + "\n")
     else:
-        if rank == 1:
-            print(f"rank 1: waiting for rank 0 to build or check the token cache {where}", flush=True)
-        wait_until(lambda: data.check_cache(where, key) is None, f"the token cache {where}", rank)
+        wait_until(lambda: data.check_cache(where, key) is None, f"rank 0 to build or check the token cache {where}",
+                   rank)
     cache = data.TokenCache(where)
     if log:
         log(f"data {path}: {cache.meta['stats']} (cache {where})")

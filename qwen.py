@@ -12,7 +12,6 @@ MLP -> block -> model -> generation -> loading/saving.
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile

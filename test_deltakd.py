@@ -5,7 +5,6 @@ NLTK for ROUGE, jinja2 for the chat template, dense references written here for 
     python -m pytest -q test_deltakd.py
 """
 
-import collections
 import json
 import math
 import os
@@ -965,6 +964,8 @@ def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all(math.isclose(m["loss"], 0.5 * m["sft"] + 0.5 * m["kd"], rel_tol=1e-6) for m in steps)
+    # model FLOPs: the student's 6N and each frozen model's 2N per real token; no peak assumed on a CPU
+    assert all(m["tflops_per_device"] > 0 and m["mfu"] is None for m in steps)
     assert metrics[-1]["eval"] == scores
     preds = [json.loads(line) for line in open(tmp_path / "eval-final.jsonl")]
     assert len(preds) == 8 and all(set(p) == {"prediction", "reference"} for p in preds)
