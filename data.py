@@ -328,15 +328,14 @@ def file_identity(path):
         h.update(f.read(1 << 20))
         f.seek(max(0, st.st_size - (1 << 20)))
         h.update(f.read(1 << 20))
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_ends": h.hexdigest()}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_ends": h.hexdigest()}
 
 
 def cache_key(data_path, tokenizer_path, max_len, system_prompt, max_rows, skip_bad_rows):
     """Everything that changes the tokens. The directory name is a hash of it; meta.json keeps it whole."""
     with open(tokenizer_path, "rb") as f:
         tok_hash = hashlib.sha256(f.read()).hexdigest()
-    data_id = file_identity(data_path)
-    return {"format": CACHE_FORMAT, "data": {k: v for k, v in data_id.items() if k != "path"},
+    return {"format": CACHE_FORMAT, "data": file_identity(data_path),
             "data_name": os.path.basename(data_path), "tokenizer_sha256": tok_hash, "max_len": max_len,
             "system_prompt": system_prompt, "max_rows": max_rows, "skip_bad_rows": skip_bad_rows}
 

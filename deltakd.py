@@ -227,10 +227,15 @@ def kd_loss(student_logits, target_logprobs, labels, divergence="fkl", temperatu
     return DIVERGENCES[divergence](target_logprobs[:, :-1][mask].float(), logq).sum(), mask.sum()
 
 
+def negative_log_likelihood(logq, targets):
+    """Sum over rows of -log q[y]: the SFT term, from log-probabilities at tau = 1."""
+    return -logq.gather(-1, targets[:, None]).sum()
+
+
 def sft_loss(student_logits, labels):
     """Sum of -log softmax(z)[y] over supervised positions, and their count."""
     mask, targets = shift_labels(labels)
-    return F.cross_entropy(student_logits[:, :-1][mask].float(), targets, reduction="sum"), mask.sum()
+    return negative_log_likelihood(F.log_softmax(student_logits[:, :-1][mask].float(), dim=-1), targets), mask.sum()
 
 
 class StoredTarget(NamedTuple):
@@ -274,7 +279,7 @@ def chunk_loss(z, targets, target, spec):
     logq = F.log_softmax(z / tau if tau != 1.0 else z, dim=-1)
     q = logq.exp()
     logq1, q1 = (logq, q) if tau == 1.0 else (F.log_softmax(z, dim=-1), None)  # the SFT term is at tau = 1
-    sft = -logq1.gather(1, targets[:, None]).sum()
+    sft = negative_log_likelihood(logq1, targets)
     dz = (q1 if q1 is not None else logq1.exp()) * lam
     dz[torch.arange(len(targets)), targets] -= lam
     if target is None:
