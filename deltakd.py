@@ -715,7 +715,20 @@ def evaluate(model, prompts, refs, tokenizer, cfg, rank, world, tag):
         with open(os.path.join(cfg.out_dir, f"eval-{tag}.jsonl"), "w") as f:
             for p, r in zip(preds, refs):
                 f.write(json.dumps({"prediction": p, "reference": r}) + "\n")
-    return {k: s.fmeasure for k, s in scores.items()}
+    return {**{k: s.fmeasure for k, s in scores.items()}, **answer_sanity(preds)}
+
+
+def answer_sanity(preds):
+    """What ROUGE cannot see: the share of distinct answers, the mean share of each answer's word 4-grams
+    that repeat an earlier 4-gram of the same answer (a looping answer scores near 1), and the mean
+    answer length in words."""
+    def repeated(words):
+        grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+        return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    words = [p.split() for p in preds]
+    n = max(len(preds), 1)
+    return {"distinct": len(set(preds)) / n, "repeated_4grams": sum(map(repeated, words)) / n,
+            "words": sum(map(len, words)) / n}
 
 
 def autocast_dtype(device, mode="auto"):
@@ -1206,10 +1219,12 @@ def demo(cfg):
     names = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
              "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD", "student-delta": f"Delta-KD (alpha={cfg.alpha})"}
-    lines = ["| Method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |", "|---|---|---|---|---|"]
+    lines = ["| Method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | distinct answers | repeated 4-grams | words |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, label in names.items():
         s = results[key]
-        lines.append(f"| {label} | {s['rouge1']:.4f} | {s['rouge2']:.4f} | {s['rougeL']:.4f} | {s['rougeLsum']:.4f} |")
+        lines.append(f"| {label} | {s['rouge1']:.4f} | {s['rouge2']:.4f} | {s['rougeL']:.4f} | {s['rougeLsum']:.4f} | "
+                     f"{s['distinct']:.0%} | {s['repeated_4grams']:.0%} | {s['words']:.1f} |")
     table = "\n".join(lines)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(table + "\n")

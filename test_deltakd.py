@@ -905,6 +905,12 @@ def test_divergence_is_refused_where_it_has_no_effect():
 # deltakd.py: the training loop
 
 
+def test_answer_sanity_counts_distinct_answers_loops_and_length():
+    loop = "the total of the total of the total of"  # 4-grams: 6, distinct: 3 -> half repeat
+    got = deltakd.answer_sanity([loop, loop, "a b c", "one two three four five"])
+    assert got == {"distinct": 0.75, "repeated_4grams": (0.5 + 0.5 + 0 + 0) / 4, "words": (9 + 9 + 3 + 5) / 4}
+
+
 def test_config_overrides_are_type_checked_and_unknown_keys_named():
     cfg = deltakd.parse_args(["--lr=3e-4", "--zero=true", "--method=fkl", "--batch_size=2"])
     assert (cfg.lr, cfg.zero, cfg.method, cfg.batch_size) == (3e-4, True, "fkl", 2)
@@ -951,7 +957,7 @@ def weights(ckpt):
 
 def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
     scores = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=4, save_every=1, keep_last=2)))
-    assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "distinct", "repeated_4grams", "words"}
     ckpts = deltakd.checkpoints(str(tmp_path))
     assert [os.path.basename(c) for c in ckpts] == ["ckpt-0000003", "ckpt-0000004"]  # keep_last
     ours = qwen.Qwen.from_pretrained(ckpts[-1]).eval()
@@ -1262,7 +1268,7 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
     assert set(results) == {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl",
                             "student-seqkd", "student-delta"}
     table = open(tmp_path / "results.md").read()
-    assert table.count("\n") == 10 and "Delta-KD" in table and "SeqKD" in table
+    assert table.count("\n") == 10 and "Delta-KD" in table and "SeqKD" in table and "repeated 4-grams" in table
     seqkd = data.read_rows(str(tmp_path / "student-seqkd" / "seqkd_data.jsonl"))
     assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)
     again = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'again'}", "--quiet=true"]))
