@@ -1071,7 +1071,7 @@ def train(cfg):
         compute_targets(cfg, cache, store, pad_id, spec, device, rank, world)
         if cfg.targets_only:
             return {}
-    elif cfg.method != "seqkd":
+    elif METHODS[cfg.method].frozen:
         frozen = load_frozen(cfg, device)
         if cfg.compile:
             frozen = {r: torch.compile(m) for r, m in frozen.items()}
