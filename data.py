@@ -279,7 +279,9 @@ def new_stats():
 
 
 def labels_from_spans(ids, spans):
-    labels = [IGNORE_INDEX] * len(ids)
+    """int64 labels aligned with ids: the ids inside the supervised [start, end) spans, -100 elsewhere."""
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.full_like(ids, IGNORE_INDEX)
     for s, e in spans:
         labels[s:e] = ids[s:e]
     return labels
@@ -290,7 +292,7 @@ def encode_rows(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip
     go through the TokenCache below, which uses the same encode_block)."""
     stats = new_stats()
     out = encode_block(rows, tokenizer, max_len, system_prompt, skip_bad_rows, source, stats=stats)
-    return [(ids, labels_from_spans(ids, spans)) for ids, spans, _ in out], stats
+    return [(ids, labels_from_spans(ids, spans).tolist()) for ids, spans, _ in out], stats
 
 
 def merge_segments(segs):
@@ -366,10 +368,7 @@ class TokenCache:
     def example(self, i):
         """(input_ids, labels) of example i as int64 numpy arrays, labels -100 outside supervised runs."""
         ids = self.input_ids[self.offsets[i]:self.offsets[i + 1]].astype(np.int64)
-        labels = np.full_like(ids, IGNORE_INDEX)
-        for s, e in self.spans[self.span_offsets[i]:self.span_offsets[i + 1]]:
-            labels[s:e] = ids[s:e]
-        return ids, labels
+        return ids, labels_from_spans(ids, self.spans[self.span_offsets[i]:self.span_offsets[i + 1]])
 
     def n_targets(self):
         """(N,) supervised positions per example that the loss sees (position 0 never counts)."""
@@ -437,18 +436,19 @@ def build_cache(data_path, tokenizer, path, key, max_len, system_prompt, max_row
         try:
             write("offsets", [0])
             write("span_offsets", [0])
-            pending, rows, numbers, n_read, pos = None, [], [], 0, 0
+            pending, rows, numbers, line_offsets, n_read, pos = None, [], [], [], 0, 0
             for n, offset, row in itertools.chain(iter_rows(data_path, max_rows), [(None, None, None)]):
                 if n is not None:
                     rows.append(row)
                     numbers.append(n)
                     n_read, pos = n + 1, offset
                     if offset >= 0:
-                        write("line_offsets", [offset])
+                        line_offsets.append(offset)
                 if len(rows) == block_rows or (n is None and rows):
+                    write("line_offsets", line_offsets)  # a block's worth per write, not one row each
                     if pending is not None:
                         flush(pending.result())
-                    pending, rows, numbers = pool.submit(encode, rows, numbers), [], []
+                    pending, rows, numbers, line_offsets = pool.submit(encode, rows, numbers), [], [], []
                 if log and time.time() - last > 10:
                     last = time.time()
                     done = n_read / total_rows if total_rows else pos / total_bytes if pos > 0 else 0
