@@ -193,14 +193,16 @@ class QwenModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def attention_mask_4d(attention_mask):
-    """(B, T) padding mask (1 = real token) -> (B, 1, T, T) boolean causal SDPA mask. Every query also
-    sees itself, so a left-pad row is never fully masked (SDPA would return NaN there); pad
-    positions' outputs are never used."""
-    T = attention_mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+def attention_mask_4d(attention_mask, T=None):
+    """(B, L) padding mask over the keys (1 = real token) -> (B, 1, T, L) boolean causal SDPA mask for
+    queries at the first T positions (default all L; generation's prefill passes its static cache's
+    L > T). Every query also sees itself, so a left-pad row is never fully masked (SDPA would
+    return NaN there); pad positions' outputs are never used."""
+    L = attention_mask.shape[1]
+    T = L if T is None else T
+    causal = torch.ones(T, L, dtype=torch.bool, device=attention_mask.device).tril()
     mask = causal & attention_mask.bool()[:, None, None, :]
-    return mask | torch.eye(T, dtype=torch.bool, device=mask.device)
+    return mask | torch.eye(T, L, dtype=torch.bool, device=mask.device)
 
 
 def position_ids_from_mask(attention_mask):
@@ -350,9 +352,7 @@ class Qwen(nn.Module):
 
         # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
         pos_ids = position_ids_from_mask(key_mask[:, :P])
-        causal = torch.ones(P, L, dtype=torch.bool, device=dev).tril()
-        mask = (causal & key_mask[:, None, None, :]) | torch.eye(P, L, dtype=torch.bool, device=dev)
-        h = self.hidden_states(ids, position_ids=pos_ids, mask=mask, cache=cache,
+        h = self.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=cache,
                                cache_pos=torch.arange(P, device=dev))
         logits = F.linear(h[:, -1], self.lm_head.weight[:V]).float()  # (B, V): the real vocabulary only
         out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
