@@ -415,6 +415,11 @@ def needed_models(cfg):
     return {role: (cfg.student_raw or cfg.student) if role == "student_raw" else getattr(cfg, role) for role in roles}
 
 
+def frozen_models(cfg):
+    # role -> directory of the frozen models the loss reads (METHODS' frozen roles; seqkd's generator is not one)
+    return {role: path for role, path in needed_models(cfg).items() if role in METHODS[cfg.method].frozen}
+
+
 def check_inputs(cfg):
     """Everything that can be checked before loading weights: paths, tokenizer agreement, vocab sizes,
     an output directory we can write. Returns the tokenizer and its path."""
@@ -563,17 +568,17 @@ def model_identity(path):
 def targets_key(cfg, cache, vocab, device):
     roles = METHODS[cfg.method].frozen
     return {"format": 1, "tokens": cache.meta["key"], "vocab": vocab, "topk": min(cfg.topk, vocab),
-            "models": {role: model_identity(needed_models(cfg)[role]) for role in roles},
+            "models": {role: model_identity(path) for role, path in frozen_models(cfg).items()},
             "alpha": cfg.alpha if "teacher_raw" in roles else None, "temperature": cfg.temperature,
             "teacher_dtype": cfg.teacher_dtype, "autocast": autocast_dtype(device, cfg.autocast) is not None,
             "targets_dtype": cfg.targets_dtype, "shard": cfg.targets_shard}
 
 
 def differing(a, b, prefix=""):
-    # the dotted names of the keys whose values differ between two nested dicts
+    # the dotted names of the keys whose values differ between two nested dicts ("tokens.max_len")
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return [] if a == b else [prefix or "(everything)"]
-    return [d for k in sorted(set(a) | set(b)) for d in differing(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [d for k in sorted(set(a) | set(b)) for d in differing(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)]
 
 
 class TargetStore:
@@ -666,9 +671,9 @@ def compute_targets(cfg, cache, store, pad_id, spec, device, rank, world):
                 with torch.no_grad():
                     parts = [topk_target(chunk_target(live, c, c + cfg.chunk_size, spec) / spec.temperature,
                                          store.k) for c in range(0, int(mask.sum()), cfg.chunk_size)]
-                t = StoredTarget(*(torch.cat(x) for x in zip(*parts)))
-                for i, lo, hi in zip(idx, *np.cumsum([[0] + mask.sum(1).tolist()[:-1], mask.sum(1).tolist()], 1)):
-                    pieces[i] = t[int(lo):int(hi)]
+                counts = mask.sum(1).tolist()  # each example's supervised positions, in mask order
+                for i, *fields in zip(idx, *(torch.cat(x).split(counts) for x in zip(*parts))):
+                    pieces[i] = StoredTarget(*fields)
             ordered = [pieces[i] for i in sorted(pieces)]
             store.write(s, StoredTarget(*(torch.cat(x) for x in zip(*ordered))))
             rows += store.rows(s)
@@ -818,7 +823,7 @@ def load_frozen(cfg, device):
     # the frozen models the loss reads, by role (METHODS), in teacher_dtype, without gradients
     return {role: qwen.Qwen.from_pretrained(path, dtype=dtype_of(cfg.teacher_dtype), device=device)
             .eval().requires_grad_(False)
-            for role, path in needed_models(cfg).items() if role in METHODS[cfg.method].frozen}
+            for role, path in frozen_models(cfg).items()}
 
 
 def frozen_target(frozen, input_ids, mode="auto"):
@@ -926,8 +931,7 @@ def dry_run(cfg):
     """--dry_run=true: every model of the run built on the meta device from its config.json (no weight
     is read), the per-GPU memory plan and the model FLOPs of one optimizer step; returns the plan."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    roles = {"student": cfg.student, **({} if cfg.targets_dir else
-                                        {r: p for r, p in needed_models(cfg).items() if r in METHODS[cfg.method].frozen})}
+    roles = {"student": cfg.student, **({} if cfg.targets_dir else frozen_models(cfg))}
     configs = {r: qwen.QwenConfig.from_json(os.path.join(p, "config.json")) for r, p in roles.items()}
     rows = memory_plan(cfg, configs, world)
     T = cfg.max_len
@@ -981,9 +985,10 @@ class Batches:
         return self.batches[offset * self.per_step:(offset + 1) * self.per_step][rank::world]
 
 
-def train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, spec, world, device):
-    """One optimizer step over this rank's micro-batches [(input_ids, labels, example ids)]; returns the
-    loss sums (loss, sft, kd) per supervised token, the grad norm, the lr and the token counts."""
+def train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, spec, world, device, flops):
+    """One optimizer step over this rank's micro-batches [(input_ids, labels, example ids)] (flops: their
+    model FLOPs); returns the loss sums (loss, sft, kd) per supervised token, the grad norm, the lr,
+    and the token counts and FLOPs of all ranks."""
     # normalise by the supervised tokens of the whole step, all micro-batches and ranks together
     n_tokens = all_reduce(torch.tensor(sum(int((lab[:, 1:] != data.IGNORE_INDEX).sum()) for _, lab, _ in micro),
                                        dtype=torch.float64, device=device)).item()
@@ -1010,24 +1015,27 @@ def train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, 
                          f"The last good checkpoint in {cfg.out_dir} is untouched.")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_in = all_reduce(torch.tensor(float(sum(x[0].numel() for x in micro)), device=device)).item()
+    n_in, flops = all_reduce(torch.tensor([sum(x[0].numel() for x in micro), flops], dtype=torch.float64,
+                                          device=device)).tolist()
     return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
-            "tokens": n_in, "supervised_tokens": n_tokens}
+            "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens}
 
 
-def step_flops(micro, lengths, student_config, frozen_configs, device):
-    # model FLOPs of this step on all ranks: the student trained on every real token, each frozen model forward
+def step_flops(micro, lengths, student_config, frozen_configs):
+    # model FLOPs of this rank's micro-batches: the student trained on every real token, each frozen model forward
     total = 0.0
     for _, _, examples in micro:
         for T in lengths[examples].tolist():
             total += T * flops_per_token(student_config, T, True)
             total += sum(T * flops_per_token(c, T, False) for c in frozen_configs)
-    return all_reduce(torch.tensor(total, dtype=torch.float64, device=device)).item()
+    return total
 
 
-def log_step(cfg, step, total, rec, dt, t_start, metrics_path, flops, peak, world):
-    rec = {"step": step, **{k: v for k, v in rec.items() if k != "tokens"}, "tokens_per_s": rec["tokens"] / dt,
-           "tflops_per_device": flops / dt / world / 1e12, "mfu": flops / dt / world / peak if peak else None}
+def log_step(cfg, step, total, rec, dt, t_start, metrics_path, peak, world):
+    flops = rec["flops"]
+    rec = {"step": step, **{k: v for k, v in rec.items() if k not in ("tokens", "flops")},
+           "tokens_per_s": rec["tokens"] / dt, "tflops_per_device": flops / dt / world / 1e12,
+           "mfu": flops / dt / world / peak if peak else None}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
     if not cfg.quiet:
@@ -1107,11 +1115,11 @@ def train(cfg):
             examples = train_idx[b]
             micro.append((*data.collate([cache.example(i) for i in examples], pad_id, 64 if cfg.compile else 1)[:2],
                           examples))
-        rec = train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, spec, world, device)
-        flops = step_flops(micro, cache.lengths, model.config, frozen_configs, device)
+        rec = train_step(cfg, step, total, micro, target_of, ddp_model, model, optimizer, spec, world, device,
+                         step_flops(micro, cache.lengths, model.config, frozen_configs))
         step += 1
         if master:
-            log_step(cfg, step, total, rec, time.time() - t0, t_start, metrics_path, flops, peak, world)
+            log_step(cfg, step, total, rec, time.time() - t0, t_start, metrics_path, peak, world)
         if preemption.agreed(device):
             save_checkpoint(cfg, step, model, optimizer, tok_path, rank)
             if master:
