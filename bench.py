@@ -9,12 +9,14 @@ Every speed and memory claim of deltakd, each measured side by side with its pee
 - generate: greedy, batch 8, 128 new tokens, left-padded prompts of different lengths, vs HF generate.
 - loss:     chunked vs dense Delta-KD loss + backward from hidden states at vocab 151,936, hidden 1,536
             (time in this process; peak memory of each in its own child process, from VmHWM).
+- liger:    the chunked loss vs Liger-Kernel's fused linear forward KL, eager and compiled (pip install -e '.[bench]').
 - rouge:    rouge.py vs rouge-score on 1,000 pairs of real answers, 4 types, stemming, numbers asserted equal.
 - step:     one Delta-KD training step vs one SFT step of the same student (the three frozen forwards' price).
 Timings are medians of interleaved repeats after a warm-up. Prints ratios (>1 means deltakd is faster).
 """
 
 import json
+import math
 import os
 import platform
 import resource
@@ -220,6 +222,94 @@ def bench_loss():
         d, c = mem["dense", 1024], mem["chunked", 1024]
         if not d.get("oom"):
             lines[-1] += f" (chunked/dense at 1024: {c['peak_gib'] / d['peak_gib']:.2f})"
+    return "\n".join(lines)
+
+
+def bench_liger():
+    """deltakd's chunked loss vs Liger-Kernel's LigerFusedLinearJSDLoss (beta = 0: forward KL, with its CE
+    term as the SFT term) from hidden states, forward + backward, same inputs, eager vs eager and
+    torch.compile vs torch.compile; Delta-KD (three frozen heads, no peer has it) beside them."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return ("liger: Liger-Kernel is not installed; `pip install -e '.[bench]'` (liger-kernel, which runs on "
+                "CPU too) and rerun `python bench.py liger`")
+    N, C, V, chunk = 1024, 1536, 151936, 512
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(N, C, generator=g) * 0.5).requires_grad_()
+    W = (torch.randn(V, C, generator=g) * 0.02).requires_grad_()
+    frozen = {r: (torch.randn(N, C, generator=g) * 0.5, torch.randn(V, C, generator=g) * 0.02)
+              for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    y = torch.randint(0, V, (N,), generator=g)
+    ht, Wt = frozen["teacher_ft"]
+
+    def ours(lam, compiled, roles=("teacher_ft",)):
+        spec = deltakd.LossSpec(vocab=V, lam=lam, alpha=1.0, chunk_size=chunk, compile=compiled)
+        loss = deltakd.ChunkedDistillLoss.apply(h, W, y, {r: frozen[r] for r in roles}, spec)[0] / N
+        loss.backward()
+        return loss
+
+    def liger(lam, compiled, chunk_size=chunk):
+        f = LigerFusedLinearJSDLoss(weight_hard_loss=lam, weight_soft_loss=1 - lam, beta=0.0, compiled=compiled,
+                                    chunk_size=chunk_size)
+        loss = f(h, W, ht, Wt, y)
+        loss.backward()
+        return loss
+
+    def measured(fn):  # (seconds, peak GiB above the start, loss) of one call, gradients cleared first
+        h.grad = W.grad = None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM back to the current RSS
+        base, t = vm_hwm(), time.perf_counter()
+        loss = fn()
+        return time.perf_counter() - t, (vm_hwm() - base) / 2**30, loss.item()
+
+    runs = {}
+    for lam in (0.0, 0.5):
+        for compiled in (False, True):
+            runs[lam, compiled, "liger"] = lambda lam=lam, c=compiled: liger(lam, c)
+            runs[lam, compiled, "deltakd"] = lambda lam=lam, c=compiled: ours(lam, c)
+        runs[lam, True, "liger, its default 1024-row chunks"] = lambda lam=lam: liger(lam, True, 1024)
+        for compiled in (False, True):
+            runs[lam, compiled, "deltakd Delta-KD"] = lambda lam=lam, c=compiled: ours(lam, c, tuple(frozen))
+    ref = {}
+    for (lam, compiled, name), fn in runs.items():  # warm-up (compiles, first touch), checking equal results
+        loss = measured(fn)[2]
+        if name == "liger":
+            ref = {"loss": loss, "grads": (h.grad.clone(), W.grad.clone())}
+        elif name != "deltakd Delta-KD":
+            assert math.isclose(loss, ref["loss"], rel_tol=1e-5), (name, loss, ref["loss"])  # the same loss ...
+            assert all((u - v).abs().max() <= 1e-5 * v.abs().max() for u, v in zip((h.grad, W.grad), ref["grads"]))
+    del ref
+    times, peaks = {k: [] for k in runs}, {k: [] for k in runs}
+    for _ in range(3):  # interleaved: drift hits every candidate alike
+        for k, fn in runs.items():
+            t, peak, _ = measured(fn)
+            times[k].append(t)
+            peaks[k].append(peak)
+    lines = [f"liger (forward KL from hidden states + backward, N {N:,}, C {C:,}, V {V:,}, fp32, {chunk}-row chunks "
+             f"unless said; median of 3 after a warm-up; peak RSS above the inputs; same losses within 1e-5, "
+             f"same gradients within 1e-5 of the largest):"]
+    for (lam, compiled, name) in runs:
+        t, peak = statistics.median(times[lam, compiled, name]), max(peaks[lam, compiled, name])
+        line = f"  lam {lam} {'compiled' if compiled else 'eager   '} {name}: {t:.2f}s, peak {peak:.2f} GiB"
+        if name == "deltakd":
+            t_l, p_l = statistics.median(times[lam, compiled, "liger"]), max(peaks[lam, compiled, "liger"])
+            line += f" -> {t / t_l:.2f}x Liger's time, {peak / p_l:.2f}x its peak memory"
+        lines.append(line)
+    # Delta-KD's three heads: one buffer and three GEMMs (addmm) vs one GEMM over stacked hidden states and heads
+    rows = slice(0, chunk)
+    spec = deltakd.LossSpec(vocab=V, alpha=1.0)
+    live = {r: (x[rows], w) for r, (x, w) in frozen.items()}
+    out = torch.empty(chunk, V)
+    stacked_w = torch.cat([frozen[r][1] for r in ("teacher_ft", "student_raw", "teacher_raw")], 1)
+    stacked_h = torch.cat([frozen["teacher_ft"][0][rows], frozen["student_raw"][0][rows],
+                           -frozen["teacher_raw"][0][rows]], 1)
+    tt = timeit({"addmm": lambda: deltakd.chunk_target(live, 0, chunk, spec, out),
+                 "stacked": lambda: torch.mm(stacked_h, stacked_w.T, out=out)}, repeats=3)
+    lines.append(f"  Delta-KD target, {chunk} rows: three addmm into one buffer {tt['addmm']:.2f}s, one GEMM over "
+                 f"stacked hidden states and heads {tt['stacked']:.2f}s (+{stacked_w.numel() * 4 / 2**30:.1f} GiB "
+                 f"for the stacked heads)")
     return "\n".join(lines)
 
 
@@ -512,7 +602,7 @@ def bench_gpu():
     flops += 4 * 2048 * sum(deltakd.flops_per_token(m.config, 2048, False) for m in frozen.values())
     lines.append(f"Delta-KD step with the three frozen models live (2 x 7B + 1.5B bf16), checkpointing: "
                  f"{4 * 2048 / t:.0f} tok/s, MFU {flops / t / peak:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} "
-                 f"GiB (the --dry_run plan for this run: 64.2 GB without ZeRO)")
+                 f"GiB (the --dry_run plan for this run: 62.7 GB without ZeRO)")
     frozen.clear()
     torch.cuda.empty_cache()
     lines += gpu_loss_lines(dev)
@@ -575,8 +665,8 @@ def cuda_time(fn, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
-BENCHES = {"forward": bench_forward, "generate": bench_generate, "loss": bench_loss, "rouge": bench_rouge,
-           "step": bench_step, "data": bench_data, "topk": bench_topk, "compile": bench_compile}
+BENCHES = {"forward": bench_forward, "generate": bench_generate, "loss": bench_loss, "liger": bench_liger,
+           "rouge": bench_rouge, "step": bench_step, "data": bench_data, "topk": bench_topk, "compile": bench_compile}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_loss_child"]:

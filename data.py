@@ -535,6 +535,13 @@ def split_rows(rows, eval_size, seed):
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def first_exchange(row):
+    # the (optional) system message, the first user turn and the first assistant reply: what is evaluated
+    msgs = to_messages(row)
+    start = 1 if msgs[0]["role"] == "system" else 0
+    return msgs[:start + 2]
+
+
 def eval_pairs(rows, tokenizer, system_prompt=SYSTEM_PROMPT_BASE, max_prompt_len=None, source="eval data"):
     """Single-turn protocol (as MiniLLM / DistiLLM): the prompt is the system turn and the first user
     turn followed by `<|im_start|>assistant\\n`; the reference is the first assistant reply.
@@ -543,15 +550,14 @@ def eval_pairs(rows, tokenizer, system_prompt=SYSTEM_PROMPT_BASE, max_prompt_len
     prompts, refs, skipped = [], [], 0
     for i, row in enumerate(rows):
         try:
-            msgs = to_messages(row)
+            msgs = first_exchange(row)
         except DataError as e:
             raise DataError(f"{source}: row {i}: {e}") from None
-        start = 1 if msgs[0]["role"] == "system" else 0
-        text = render_chat(msgs[:start + 1], system_prompt, add_generation_prompt=True)
+        text = render_chat(msgs[:-1], system_prompt, add_generation_prompt=True)
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         if max_prompt_len and len(ids) > max_prompt_len:
             skipped += 1
             continue
         prompts.append(ids)
-        refs.append(msgs[start + 1]["content"])
+        refs.append(msgs[-1]["content"])
     return prompts, refs, skipped

@@ -15,14 +15,17 @@ alpha = 0 is forward-KL distillation from the finetuned teacher; lam = 1 is SFT.
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import tempfile
@@ -88,14 +91,16 @@ class Config:
     grad_clip: float = 1.0      # 0 disables
     zero: bool = False          # shard AdamW state across ranks (ZeroRedundancyOptimizer)
     grad_checkpointing: bool = False
-    compile: bool = False       # torch.compile the student and the frozen models (lengths padded to a multiple of 64)
+    compile: bool = False       # torch.compile the student, the frozen models (lengths padded to a multiple of 64) and the loss chunk
     loss_impl: str = "chunked"  # chunked (memory-flat) | dense (full logits, for checking)
-    chunk_size: int = 512       # supervised tokens per loss chunk: ~8 (chunk, vocab) fp32 buffers live
+    chunk_size: int = 512       # supervised tokens per loss chunk: 3 (chunk, vocab) fp32 buffers for a KD term
     teacher_dtype: str = "bfloat16"  # frozen models; the student trains in fp32
     autocast: str = "auto"      # bf16 | none; auto: bf16 on CUDA, none on CPU
-    # evaluation (ROUGE of greedy answers on held-out prompts)
+    # evaluation: ROUGE of generated answers on held-out prompts, and teacher-forced NLL / KL / top-1
     eval_every: int = 0         # 0: only at the end
     eval_max_new_tokens: int = 256
+    eval_temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature, top_p 1 (MiniLLM / DistiLLM)
+    eval_seeds: int = 1         # sampled answers per prompt (seeds seed, seed+1, ...); ROUGE is their mean
     eval_batch_size: int = 16
     seqkd_max_new_tokens: int = 256
     # run
@@ -108,6 +113,7 @@ class Config:
     peak_tflops: float = 0.0    # per device, for MFU in the log; 0: 989 on H100/H200, 312 on A100 (bf16 dense), else none
     quiet: bool = False         # no per-step lines (metrics.jsonl is still written)
     dry_run: bool = False       # print the per-GPU memory plan and FLOPs per step from config.json alone, then exit
+    full_comparison: bool = False  # the demo only: 3 seeds, Delta-KD at alpha 0, 0.5, 1 and with stored top-k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,9 @@ def parse_args(argv, cfg=None):
         raise SystemExit(f"--targets_dir has no effect with --method={cfg.method} (no teacher distribution)")
     if cfg.targets_dtype not in ("float32", "float16") or cfg.autocast not in ("auto", "bf16", "none"):
         raise SystemExit("--targets_dtype is float32 or float16; --autocast is auto, bf16 or none")
+    if cfg.eval_seeds < 1 or cfg.eval_temperature < 0 or ("eval_seeds" in given and cfg.eval_temperature == 0):
+        raise SystemExit("--eval_seeds >= 1 goes with --eval_temperature > 0 (the sampled protocol; greedy "
+                         "answers are always scored too)")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -179,17 +188,22 @@ class LossSpec:
     divergence: str = "fkl"
     chunk_size: int = 512
     impl: str = "chunked"
+    compile: bool = False       # chunk_loss through torch.compile (one graph per spec, any chunk length)
+
+
+def target_weights(roles, alpha):
+    """The target's logits (before / tau) are a weighted sum of the frozen models' logits by role: z_ft
+    alone for fkl/rkl, and for Delta-KD z_ft + alpha (z_s^raw - z_t^raw), whose softmax at tau is
+    pi_t^ft (pi_s^raw / pi_t^raw)^alpha / Z with every pi = softmax(z / tau). A new linear shift
+    operator goes here (a non-linear one replaces target_logits and chunk_target)."""
+    if "teacher_raw" not in roles:
+        return {"teacher_ft": 1.0}
+    return {"teacher_ft": 1.0, "student_raw": alpha, "teacher_raw": -alpha}
 
 
 def target_logits(z, alpha):
-    """The target's logits (before / tau) from the frozen models' logits by role: z_ft for fkl/rkl,
-    and for Delta-KD z_ft + alpha (z_s^raw - z_t^raw), whose softmax at tau is
-    pi_t^ft (pi_s^raw / pi_t^raw)^alpha / Z with every pi = softmax(z / tau). A new shift operator
-    goes here."""
-    if "teacher_raw" not in z:
-        return z["teacher_ft"].float()
-    shift = z["student_raw"].float() - z["teacher_raw"].float()  # a fresh buffer: safe to update in place
-    return shift.mul_(alpha).add_(z["teacher_ft"].float())
+    """The target's logits from the frozen models' full logits by role, in float32."""
+    return sum(w * z[r].float() for r, w in target_weights(z, alpha).items())
 
 
 def forward_kl(logp, logq):
@@ -269,77 +283,145 @@ def bucket_logq(logq, target):
     return torch.cat([logq.gather(1, target.ids), rest[:, None]], 1)
 
 
-def chunk_loss(z, targets, target, spec):
-    """One chunk: z (n, V) fp32 student logits, targets (n,) ids; target None (SFT), (n, V) target
-    logits, or a StoredTarget. Returns the loss, its SFT and KD sums and dloss/dz (n, V).
-    Gradients: SFT softmax(z) - onehot(y); forward KL in closed form, (q - p~) / tau with p~ the
-    target spread over the vocabulary (for a stored target: p_k on its ids, q_j p_rest / q_rest on
-    the others); any other divergence by autograd on this chunk alone, so memory stays flat."""
+def logsumexp_(x):
+    # torch.logsumexp over the last dim without its (n, V) temporary: x is overwritten
+    m = x.amax(-1, keepdim=True).clamp(min=LOG_FLOOR)  # a row of -inf (every id stored) has no rest
+    return x.sub_(m).exp_().sum(-1).log_().add_(m[:, 0])
+
+
+def chunk_loss(z, targets, target, spec, scratch=None):
+    """One chunk: z (n, V) fp32 student logits, targets (n,) ids; target None (SFT), (n, V) fp32 target
+    logits (before / tau), or a StoredTarget. Returns the loss, its SFT and KD sums and dloss/dz (n, V).
+    z, the target's logits and scratch (n, V) are workspace and are overwritten; dz comes back in z's
+    memory. On CPU a fresh tensor of this size is page-faulted in again, which was most of this
+    function's time before (a chunk is a few hundred MB).
+    Gradients: SFT softmax(z) - onehot(y); forward KL in closed form, (q - p~) / tau with p~ the target
+    spread over the vocabulary (for a stored target: p_k on its ids, q_j p_rest / q_rest on the
+    others); any other divergence by autograd on this chunk alone, so memory stays flat."""
     lam, tau = spec.lam, spec.temperature
-    logq = F.log_softmax(z / tau if tau != 1.0 else z, dim=-1)
-    q = logq.exp()
-    logq1, q1 = (logq, q) if tau == 1.0 else (F.log_softmax(z, dim=-1), None)  # the SFT term is at tau = 1
-    sft = negative_log_likelihood(logq1, targets)
-    dz = (q1 if q1 is not None else logq1.exp()) * lam
-    dz[torch.arange(len(targets)), targets] -= lam
-    if target is None:
-        return lam * sft, sft, torch.zeros_like(sft), dz
-    stored = isinstance(target, StoredTarget)
-    logp = (torch.cat([target.logp, target.log_rest[:, None]], 1) if stored
-            else F.log_softmax(target / tau if tau != 1.0 else target, dim=-1))
-    divergence = DIVERGENCES[spec.divergence]
-    logq_kd = bucket_logq(logq, target) if stored else logq
-    kd = divergence(logp, logq_kd).sum()
     c = (1 - lam) / tau
-    if divergence is forward_kl and stored:
-        r = (target.log_rest - logq_kd[:, -1]).exp()  # p_rest / q_rest
-        dz.addcmul_(q, ((1 - r) * c)[:, None])  # every id as if in the rest: c q_j (1 - r) ...
-        q_k = logq_kd[:, :-1].exp()  # ... then the stored ids corrected to c (q_k - p_k)
-        dz.scatter_add_(1, target.ids, c * (r[:, None] * q_k - target.logp.exp()))
-    elif divergence is forward_kl:
-        dz.add_(q, alpha=c).sub_(logp.exp_(), alpha=c)
+    rows = torch.arange(len(targets), device=z.device)
+    if target is None:
+        sft = negative_log_likelihood(torch.log_softmax(z, -1, out=z), targets)
+        dz = z.exp_().mul_(lam)
+        dz[rows, targets] -= lam
+        return lam * sft, sft, torch.zeros_like(sft), dz
+    q1 = None  # softmax(z) at tau = 1 for the SFT gradient, where it is not q itself
+    if tau != 1.0:  # the SFT term is at tau = 1: its own log-softmax
+        logq1 = F.log_softmax(z, dim=-1)
+        sft = negative_log_likelihood(logq1, targets)
+        q1 = logq1.exp_() if lam else None
+        z.div_(tau)
+    logq = torch.log_softmax(z, -1, out=z)
+    if tau == 1.0:
+        sft = negative_log_likelihood(logq, targets)
+    lam_q = lam if q1 is None else 0.0  # the SFT gradient's lam * q1, folded into q's coefficient when q1 is q
+    divergence = DIVERGENCES[spec.divergence]
+    stored = isinstance(target, StoredTarget)
+    if stored:
+        logp = torch.cat([target.logp, target.log_rest[:, None]], 1)
     else:
-        with torch.enable_grad():
-            zz = z.detach().requires_grad_()
-            lq = F.log_softmax(zz / tau, dim=-1)
-            (dkd,) = torch.autograd.grad(divergence(logp, bucket_logq(lq, target) if stored else lq).sum(), zz)
-        dz.add_(dkd, alpha=1 - lam)
+        logp = torch.log_softmax(target.div_(tau) if tau != 1.0 else target, -1, out=target)
+    if divergence is forward_kl and stored:
+        logq_k = logq.gather(1, target.ids)
+        q = torch.exp(logq, out=scratch)
+        rest = logsumexp_(logq.scatter_(1, target.ids, float("-inf"))).clamp_(min=LOG_FLOOR)  # logq is spent
+        kd = forward_kl(logp, torch.cat([logq_k, rest[:, None]], 1)).sum()
+        r = (target.log_rest - rest).exp()  # p_rest / q_rest
+        dz = torch.mul(q, (c * (1 - r) + lam_q)[:, None], out=z)  # every id as if in the rest: c q_j (1 - r) ...
+        dz.scatter_add_(1, target.ids, c * (r[:, None] * logq_k.exp() - target.logp.exp()))  # ... then c (q_k - p_k)
+    elif divergence is forward_kl:
+        p = torch.exp(logp, out=scratch)
+        kd = logp.sub_(logq).mul_(p).sum()  # sum_j p_j (log p_j - log q_j), in the target's buffer
+        dz = logq.exp_().mul_(c + lam_q).sub_(p, alpha=c)
+    else:
+        with torch.enable_grad():  # logq is z / tau up to a per-row constant, so it stands in for it here
+            zz = logq.detach().clone().requires_grad_()
+            lq = F.log_softmax(zz, dim=-1)
+            kd = divergence(logp, bucket_logq(lq, target) if stored else lq).sum()
+            (dkd,) = torch.autograd.grad(kd, zz)
+        kd = kd.detach()
+        dz = dkd.mul_(c).add_(logq.exp_(), alpha=lam_q)
+    if q1 is not None:
+        dz.add_(q1, alpha=lam)
+    if lam:
+        dz[rows, targets] -= lam
     return lam * sft + (1 - lam) * kd, sft, kd, dz
+
+
+def plain_fp32(x):
+    # float32 matmuls with no autocast write straight into the loss's buffers (mm out=, addmm_); under
+    # autocast they stay out-of-place bf16 ops, rounded as the dense reference rounds them
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+
+
+def logits(h, weight, out=None):
+    # h @ weight.T in float32, into out when given
+    if plain_fp32(h):
+        return torch.mm(h, weight.T, out=out)
+    z = h @ weight.T
+    return z.float() if out is None else out.copy_(z)
+
+
+def chunk_target(live, s, e, spec, out=None):
+    """Target logits (before / tau) of rows s:e from the frozen models' hidden states and heads, by role,
+    summed into one fp32 buffer with target_weights' coefficients (addmm in fp32: no (n, V) temporary)."""
+    for i, (role, w) in enumerate(target_weights(live, spec.alpha).items()):
+        h, head = live[role]
+        if i == 0:
+            out = logits(h[s:e], head[:spec.vocab], out)
+            if w != 1.0:
+                out.mul_(w)
+        elif plain_fp32(h):
+            out.addmm_(h[s:e], head[:spec.vocab].T, alpha=w)
+        else:
+            out.add_(logits(h[s:e], head[:spec.vocab]), alpha=w)
+    return out
+
+
+@functools.cache
+def compiled_chunk_loss():
+    return torch.compile(chunk_loss, dynamic=True)
 
 
 class ChunkedDistillLoss(torch.autograd.Function):
     """lam * SFT + (1 - lam) * KD summed over N supervised positions, from final hidden states, holding
     one chunk of (chunk, vocab) logits at a time. chunk_loss gives dloss/dz while the chunk is live;
     it is projected onto the hidden states and the lm_head right away, so backward only scales the
-    stored gradients, and no logits are ever recomputed or stored."""
+    stored gradients, and no logits are ever recomputed or stored. The (chunk, vocab) buffers are
+    allocated once per call and reused by every chunk."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, target, spec):
-        V, chunk = spec.vocab, spec.chunk_size
+        V, chunk, N = spec.vocab, spec.chunk_size, h.shape[0]
         need_grad = h.requires_grad or weight.requires_grad  # grad mode itself is off in here
         W = weight[:V]  # the real tokens only: Qwen's padded rows never enter a softmax
         # fp32 gradient buffers; padded vocab rows stay zero
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         grad_W = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
         totals = torch.zeros(3, dtype=torch.float64, device=h.device)  # loss, sft, kd
-        for s in range(0, h.shape[0], chunk):
+        live = isinstance(target, dict)  # live frozen models: {role: (hidden (N, C_t), head (V_t, C_t))}
+        buffers = torch.empty((1 + (target is not None) + live, min(chunk, N), V), device=h.device)
+        loss_of_chunk = compiled_chunk_loss() if spec.compile else chunk_loss
+        for s in range(0, N, chunk):
             hc = h[s:s + chunk]
-            z = (hc @ W.to(hc.dtype).T).float()  # (n, V) student logits
-            if isinstance(target, dict):  # live frozen models: {role: (hidden (N, C_t), head (V_t, C_t))}
-                t = chunk_target(target, s, s + chunk, spec)
+            n = len(hc)
+            z = logits(hc, W.to(hc.dtype), buffers[0, :n])  # (n, V) student logits
+            if live:
+                t = chunk_target(target, s, s + chunk, spec, buffers[2, :n])
             else:
                 t = None if target is None else target[s:s + chunk]
-            loss, sft, kd, dz = chunk_loss(z, targets[s:s + chunk], t, spec)
-            del z, t
+            loss, sft, kd, dz = loss_of_chunk(z, targets[s:s + chunk], t, spec, buffers[1, :n] if t is not None else None)
             totals += torch.stack([loss, sft, kd]).double()
             if need_grad:
-                dz = dz.to(hc.dtype)
-                grad_h[s:s + chunk] = dz @ W.to(hc.dtype)
-                if hc.dtype == torch.float32:
+                if plain_fp32(hc):
+                    torch.mm(dz, W, out=grad_h[s:s + chunk])
                     grad_W[:V].addmm_(dz.T, hc)
-                else:  # bf16 matmul, accumulated in fp32 across chunks
+                else:  # bf16 matmuls (autocast's), accumulated in fp32 across chunks
+                    dz = dz.to(hc.dtype)
+                    grad_h[s:s + chunk] = dz @ W.to(hc.dtype)
                     grad_W[:V] += dz.T @ hc
-            del dz
+            del dz, z, t
         ctx.save_for_backward(grad_h, grad_W)
         ctx.dtypes = (h.dtype, weight.dtype)
         ctx.mark_non_differentiable(totals)
@@ -350,11 +432,6 @@ class ChunkedDistillLoss(torch.autograd.Function):
         # scaled in place: this graph is backpropagated once (no retain_graph), so no copy is needed
         grad_h, grad_W = ctx.saved_tensors
         return grad_h.mul_(g).to(ctx.dtypes[0]), grad_W.mul_(g).to(ctx.dtypes[1]), None, None, None
-
-
-def chunk_target(live, s, e, spec):
-    # target logits (before / tau) of rows s:e from the frozen models' hidden states and heads, by role
-    return target_logits({r: (h[s:e] @ w[:spec.vocab].T).float() for r, (h, w) in live.items()}, spec.alpha)
 
 
 def distill_loss(h, weight, labels, target, spec):
@@ -383,7 +460,7 @@ def loss_spec(cfg, vocab):
     divergence = cfg.divergence if method.divergence == "flag" else method.divergence or "fkl"
     return LossSpec(vocab=vocab, lam=cfg.lam if method.lam is None else method.lam, alpha=cfg.alpha,
                     temperature=cfg.temperature, divergence=divergence, chunk_size=cfg.chunk_size,
-                    impl=cfg.loss_impl)
+                    impl=cfg.loss_impl, compile=cfg.compile)
 
 # -----------------------------------------------------------------------------
 # distributed set-up, models, data
@@ -409,9 +486,10 @@ def all_reduce(x):
 
 
 def needed_models(cfg):
-    # role -> directory; only what the method needs is loaded
+    # role -> directory; only what the method needs is loaded (and a given --teacher_ft, for evaluation)
     method = METHODS[cfg.method]
     roles = method.frozen + ((method.generator,) if method.generator else ())
+    roles += ("teacher_ft",) if cfg.teacher_ft and "teacher_ft" not in roles else ()
     return {role: (cfg.student_raw or cfg.student) if role == "student_raw" else getattr(cfg, role) for role in roles}
 
 
@@ -689,8 +767,10 @@ def compute_targets(cfg, cache, store, pad_id, spec, device, rank, world):
 # generation and evaluation
 
 
-def generate_all(model, prompts, tokenizer, max_new_tokens, batch_size, rank, world):
-    """Greedy answers (decoded text) for all prompts, each rank generating a share; returned on every rank."""
+def generate_all(model, prompts, tokenizer, max_new_tokens, batch_size, rank, world, temperature=0.0, seed=0):
+    """Answers (decoded text) for all prompts, each rank generating a share; returned on every rank. Greedy
+    at temperature 0, else sampled (top_p 1) with batch b of this rank seeded by (seed, b): the same
+    answers for the same seed, batch size and world size."""
     eos = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
     mine = list(range(rank, len(prompts), world))
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths per batch: less padding
@@ -701,7 +781,8 @@ def generate_all(model, prompts, tokenizer, max_new_tokens, batch_size, rank, wo
         idx = mine[s:s + batch_size]
         with autocast(model.lm_head.weight.device):
             gen = model.generate([prompts[i] for i in idx], max_new_tokens, eos_token_id=eos,
-                                 vocab_limit=tokenizer.get_vocab_size())
+                                 vocab_limit=tokenizer.get_vocab_size(), temperature=temperature,
+                                 seed=seed * 1_000_003 + s)
         for i, ids in zip(idx, gen):
             out[i] = tokenizer.decode(ids, skip_special_tokens=True)
     model.train(was_training)
@@ -712,15 +793,73 @@ def generate_all(model, prompts, tokenizer, max_new_tokens, batch_size, rank, wo
     return [out[i] for i in range(len(prompts))]
 
 
-def evaluate(model, prompts, refs, tokenizer, cfg, rank, world, tag):
-    """ROUGE-1/2/L/Lsum F1 (stemmed, mean over examples) of greedy answers; predictions to jsonl."""
-    preds = generate_all(model, prompts, tokenizer, cfg.eval_max_new_tokens, cfg.eval_batch_size, rank, world)
-    scores = rouge.corpus_score(refs, preds, ("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True)
-    if rank == 0:
-        with open(os.path.join(cfg.out_dir, f"eval-{tag}.jsonl"), "w") as f:
-            for p, r in zip(preds, refs):
-                f.write(json.dumps({"prediction": p, "reference": r}) + "\n")
-    return {**{k: s.fmeasure for k, s in scores.items()}, **answer_sanity(preds)}
+class EvalSet(NamedTuple):
+    prompts: list  # token ids of each held-out prompt (data.eval_pairs' single-turn protocol)
+    refs: list     # the reference answers
+    forced: list   # (input_ids, labels) of each prompt with its reference answer, for teacher forcing
+
+
+def eval_set(rows, tokenizer, cfg):
+    prompts, refs, _ = data.eval_pairs(rows, tokenizer, cfg.system_prompt, cfg.max_len)
+    first = [{"messages": data.first_exchange(r)} for r in rows]
+    forced, _ = data.encode_rows(first, tokenizer, cfg.max_len, cfg.system_prompt, source="eval data")
+    return EvalSet(prompts, refs, [f for f in forced if any(y != data.IGNORE_INDEX for y in f[1])])
+
+
+@torch.no_grad()
+def forced_scores(model, teacher, forced, pad_id, vocab, cfg, rank, world):
+    """Teacher-forced figures on the held-out reference answers, per answer token: the student's NLL of the
+    reference, and with the finetuned teacher KL(pi_t^ft || student) at tau = 1 and top-1 agreement (the
+    share of positions where both models' most probable token is the same). Smooth, cheap, and what
+    distillation optimises directly, where ROUGE of generations is noisy and coarse."""
+    dev = model.lm_head.weight.device
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # nll, kl, agreements, tokens
+    was_training = model.training
+    model.eval()
+    mine = forced[rank::world]
+    for s in range(0, len(mine), cfg.eval_batch_size):
+        input_ids, labels, attention_mask = (x.to(dev) for x in data.collate(mine[s:s + cfg.eval_batch_size], pad_id))
+        mask, targets = shift_labels(labels)
+        with autocast(dev, cfg.autocast):
+            hs = {m: m(input_ids, attention_mask, return_hidden=True)[:, :-1][mask] for m in (model, teacher) if m}
+        for c in range(0, len(targets), cfg.chunk_size):
+            z = {m: (h[c:c + cfg.chunk_size] @ m.lm_head.weight[:vocab].T).float() for m, h in hs.items()}
+            logq = F.log_softmax(z[model], dim=-1)
+            sums[0] += negative_log_likelihood(logq, targets[c:c + cfg.chunk_size])
+            if teacher:
+                sums[1] += forward_kl(F.log_softmax(z[teacher], dim=-1), logq).sum()
+                sums[2] += (z[model].argmax(-1) == z[teacher].argmax(-1)).sum()
+        sums[3] += len(targets)
+    model.train(was_training)
+    nll, kl, agree, n = all_reduce(sums).tolist()
+    n = max(n, 1)
+    return {"nll": nll / n, **({"kl_teacher": kl / n, "top1_teacher": agree / n} if teacher else {})}
+
+
+def evaluate(model, evalset, teacher, tokenizer, cfg, rank, world, tag):
+    """ROUGE-1/2/L/Lsum F1 (stemmed, mean over examples) of greedy answers, and with --eval_temperature > 0
+    also of sampled ones (top_p 1, the mean over --eval_seeds answers per prompt: the MiniLLM / DistiLLM
+    protocol) as sampled_*; answer_sanity of the greedy answers; forced_scores. Answers to
+    eval-{tag}.jsonl (and eval-{tag}-sampled.jsonl)."""
+    types = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    protocols = [("", 0.0, 1)] + ([("sampled_", cfg.eval_temperature, cfg.eval_seeds)] if cfg.eval_temperature else [])
+    scores = {}
+    for prefix, temperature, n_seeds in protocols:
+        preds = [generate_all(model, evalset.prompts, tokenizer, cfg.eval_max_new_tokens, cfg.eval_batch_size, rank,
+                              world, temperature, cfg.seed + k) for k in range(n_seeds)]
+        per_seed = [rouge.corpus_score(evalset.refs, p, types, use_stemmer=True) for p in preds]
+        scores.update({prefix + t: statistics.mean(s[t].fmeasure for s in per_seed) for t in types})
+        if not prefix:
+            scores.update(answer_sanity(preds[0]))
+        if rank == 0:
+            with open(os.path.join(cfg.out_dir, f"eval-{tag}{'-' + prefix[:-1] if prefix else ''}.jsonl"), "w") as f:
+                for k, p in enumerate(preds):
+                    for a, r in zip(p, evalset.refs):
+                        seed = {"seed": cfg.seed + k, "temperature": temperature} if prefix else {}
+                        f.write(json.dumps({**seed, "prediction": a, "reference": r}) + "\n")
+    forced = forced_scores(model, teacher, evalset.forced, tokenizer.token_to_id("<|endoftext|>"),
+                           tokenizer.get_vocab_size(), cfg, rank, world)
+    return {**scores, **forced}
 
 
 def answer_sanity(preds):
@@ -826,6 +965,15 @@ def load_frozen(cfg, device):
             for role, path in frozen_models(cfg).items()}
 
 
+def eval_teacher(cfg, frozen, device):
+    # the finetuned teacher for the teacher-forced figures: the live one, or loaded for the evaluation alone
+    if not cfg.teacher_ft:
+        return None
+    if "teacher_ft" in frozen:
+        return getattr(frozen["teacher_ft"], "_orig_mod", frozen["teacher_ft"])  # a compiled one: its module
+    return qwen.Qwen.from_pretrained(cfg.teacher_ft, dtype=dtype_of(cfg.teacher_dtype), device=device).eval()
+
+
 def frozen_target(frozen, input_ids, mode="auto"):
     """{role: (final hidden states (B, T, C_t), lm_head weight)} of the frozen models, no grad."""
     with torch.no_grad(), autocast(input_ids.device, mode):
@@ -878,10 +1026,11 @@ class Preemption:
         return all_reduce(torch.tensor(float(self.requested is not None), device=device)).item() > 0
 
 
-# (chunk, vocab) fp32 tensors live at once in chunk_loss. With a KD term: z, logq, q, dz, the target's logits
-# and log-probabilities, and the divergence's three elementwise temporaries; SFT alone: z, logq, q, dz.
-# (Measured: a CPU step peaks inside the loss; test_deltakd's dry-run test holds the plan to 20%.)
-LOSS_BUFFERS = {"kd": 9, "sft": 4}
+# (chunk, vocab) fp32 tensors live at once in the chunked loss: SFT alone, the student's logits (which become
+# dz); forward KL, those plus the target's logits and its probabilities; a divergence differentiated by
+# autograd, those plus its graph's copies of logq and of the elementwise terms. (Measured: a CPU step peaks
+# inside the loss; test_deltakd's dry-run test holds the plan to 20%.)
+LOSS_BUFFERS = {"sft": 1, "fkl": 3, "autograd": 9}
 
 
 def activation_bytes(c, tokens, act_bytes, checkpointing):
@@ -917,7 +1066,9 @@ def memory_plan(cfg, configs, world):
         if role != "student":
             m = params(c)
             rows.append((f"{role} {cfg.teacher_dtype} ({m:,} params)", dtype_bytes * m))
-    buffers = LOSS_BUFFERS["kd" if METHODS[cfg.method].divergence else "sft"]
+    divergence = loss_spec(cfg, s.vocab_size).divergence if METHODS[cfg.method].divergence else None
+    buffers = LOSS_BUFFERS[{None: "sft", "fkl": "fkl"}.get(divergence, "autograd")]
+    buffers += act == 2  # under bf16 autocast, half-size bf16 logits and dz on their way into and out of them
     rows.append((f"loss: {buffers} ({cfg.chunk_size} x vocab) fp32 buffers + fp32 lm_head gradient",
                  4 * (buffers * cfg.chunk_size * s.vocab_size + s.vocab_size * s.hidden_size)))
     tokens = cfg.batch_size * cfg.max_len
@@ -1068,7 +1219,7 @@ def train(cfg):
 
     # data: tokenized once into a memory-mapped cache; held-out prompts for evaluation
     cache, train_idx, eval_rows = load_data(cfg, tokenizer, tok_path, rank, world, device)
-    prompts, refs, _ = data.eval_pairs(eval_rows, tokenizer, cfg.system_prompt, cfg.max_len)
+    evalset = eval_set(eval_rows, tokenizer, cfg)
     pad_id = tokenizer.token_to_id("<|endoftext|>")
     spec = loss_spec(cfg, tokenizer.get_vocab_size())
 
@@ -1126,14 +1277,15 @@ def train(cfg):
                 print(f"{preemption.requested or 'a signal on another rank'}: saved step {step} to {cfg.out_dir}; "
                       "exiting (continue with --resume=true)", flush=True)
             return {}
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total and prompts:
-            scores = evaluate(model, prompts, refs, tokenizer, cfg, rank, world, f"step{step}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total and evalset.prompts:
+            scores = evaluate(model, evalset, eval_teacher(cfg, frozen, device), tokenizer, cfg, rank, world,
+                              f"step{step}")
             log_eval(cfg, step, scores, master, metrics_path)
         if (cfg.save_every and step % cfg.save_every == 0) or step == total:
             save_checkpoint(cfg, step, model, optimizer, tok_path, rank)
 
-    if prompts:
-        scores = evaluate(model, prompts, refs, tokenizer, cfg, rank, world, "final")
+    if evalset.prompts:
+        scores = evaluate(model, evalset, eval_teacher(cfg, frozen, device), tokenizer, cfg, rank, world, "final")
         log_eval(cfg, step, scores, master, metrics_path)
     return scores if master else {}
 
@@ -1142,106 +1294,180 @@ def train(cfg):
 # the embedded demo: the whole method on bundled data, on a 2-core CPU in minutes
 
 DEMO = dict(
-    pretrain_data=os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"),  # general English
-    task_data=os.path.join(HERE, "assets/data/gsm8k/test.jsonl"),  # the finetuning task: question -> answer
-    vocab_size=4096, max_len=192, eval_size=48, eval_max_new_tokens=64,
+    chat_data=os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"),  # general English and chat
+    task_data=os.path.join(HERE, "assets/data/gsm8k/test.jsonl"),  # GSM8K word problems: the task's inputs
+    vocab_size=4096, max_len=192, eval_size=120, eval_max_new_tokens=48, eval_temperature=1.0, eval_seeds=2,
     teacher=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
     student=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
     # tiny models take (and need) a high learning rate; steps sized for ~5 minutes on 2 cores
     pretrain=dict(max_steps=150, lr=1e-2, warmup_steps=10, batch_size=16),
-    finetune=dict(max_steps=250, lr=1e-2, warmup_steps=10, batch_size=16),
-    distill=dict(max_steps=150, lr=1e-2, warmup_steps=10, batch_size=16),
+    finetune=dict(max_steps=600, lr=1e-2, warmup_steps=10, batch_size=16),  # fewer: the teacher loops
+    distill=dict(max_steps=100, lr=1e-2, warmup_steps=10, batch_size=16),
+    # the full comparison (--full_comparison=true): seeds, Delta-KD's alphas, and its stored top-k run
+    full=dict(seeds=3, alphas=(0.0, 0.5, 1.0), topk=16),
 )
+TASK_INSTRUCTION = "What does this problem ask? Answer with its question sentence.\n\n"
+
+
+def demo_task(row):
+    """The demo's task: a GSM8K word problem -> the sentence of it that asks the question (its last). Short,
+    different for every problem, and learnable by a 1M-parameter model in a minute: the finetuned teacher
+    is a real model of it, which it was not of GSM8K's worked solutions (it looped)."""
+    q = " ".join(row["question"].split())
+    return {"messages": [{"role": "user", "content": TASK_INSTRUCTION + q},
+                         {"role": "assistant", "content": re.split(r"(?<=[.!?])\s+", q)[-1]}]}
+
+
+def trivial_baselines(train_rows, eval_rows):
+    """What ROUGE gives for nothing: the most frequent training answer for every prompt, and the training
+    answer of the most similar training prompt (most shared words)."""
+    answers = [r["messages"][1]["content"] for r in train_rows]
+    words = [set(r["messages"][0]["content"].lower().split()) for r in train_rows]
+    nearest = []
+    for r in eval_rows:
+        w = set(r["messages"][0]["content"].lower().split())
+        nearest.append(answers[max(range(len(words)), key=lambda i: len(w & words[i]))])
+    common = max(set(answers), key=lambda a: (answers.count(a), a))
+    return {"most frequent answer": [common] * len(eval_rows), "nearest training answer": nearest}
 
 
 def demo(cfg):
-    """Tokenizer -> pretrain a raw teacher and a raw student on plain English text -> finetune the teacher
-    on a chat task (GSM8K question -> worked answer) -> distill five students from the raw student
-    (SFT, FKL, RKL, SeqKD, Delta-KD) -> ROUGE table on held-out questions. Every stage is a call of
-    train() with its own Config: the same loop and loss as a real run."""
+    """Tokenizer -> pretrain a raw teacher and a raw student on general English and general chat in the
+    ChatML format (the bundled Ultrachat conversations) -> finetune the teacher on the task (GSM8K
+    problem -> its question sentence) -> distill students from the raw student (SFT, FKL, RKL, SeqKD,
+    Delta-KD) -> a table on held-out problems: ROUGE greedy and sampled, teacher-forced NLL, KL to the
+    finetuned teacher, top-1 agreement, and the answers' sanity. Every stage is a call of train() with its
+    own Config: the same loop and loss as a real run. --full_comparison=true: every stage over several
+    seeds (initialisation and data order), Delta-KD at several alphas and with stored top-k targets."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
     t_start, root = time.time(), cfg.out_dir
     os.makedirs(root, exist_ok=True)
     print(f"demo: no --student given, so running the embedded demo into {root}/ (see README)")
-    task = data.read_rows(DEMO["task_data"])
+    task = [demo_task(r) for r in data.read_rows(DEMO["task_data"])]
     train_rows, eval_rows = data.split_rows(task, DEMO["eval_size"], cfg.seed)
-    english = [m["content"] for r in data.read_rows(DEMO["pretrain_data"]) for m in data.to_messages(r)]
+    chats = data.read_rows(DEMO["chat_data"])
+    english = [m["content"] for r in chats for m in data.to_messages(r)]
 
-    # a small byte-level BPE with the ChatML special tokens; held-out questions are never seen
+    # a small byte-level BPE with the ChatML special tokens; held-out problems are never seen
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    corpus = english + [r["question"] + "\n" + r["answer"] for r in train_rows]
+    corpus = english + [m["content"] for r in train_rows for m in r["messages"]]
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=DEMO["vocab_size"], special_tokens=special,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                         show_progress=False))
     tok_path = os.path.join(root, "tokenizer.json")
     tok.save(tok_path)
+    # evaluation skips prompts longer than max_len: drop them here, so the baselines score the same problems
+    eval_rows = [r for r in eval_rows if len(data.eval_pairs([r], tok, cfg.system_prompt, DEMO["max_len"])[0])]
 
     def write(name, rs):
         with open(os.path.join(root, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rs)
         return os.path.join(root, name)
-    # pretraining: the English text packed into ~1,000-character documents (no chat format, no task data)
+    # pretraining: the Ultrachat text packed into ~1,000-character documents, and the same conversations
+    # in the chat format (no task data in either)
     text = "\n\n".join(english)
-    pretrain = write("pretrain.jsonl", [{"text": text[i:i + 1000]} for i in range(0, len(text), 1000)])
-    chat_train, chat_eval = write("task_train.jsonl", train_rows), write("task_eval.jsonl", eval_rows)
+    pretrain = write("pretrain.jsonl", [{"text": text[i:i + 1000]} for i in range(0, len(text), 1000)] + chats)
+    task_train, task_eval = write("task_train.jsonl", train_rows), write("task_eval.jsonl", eval_rows)
 
-    def init(name, arch, seed):
+    full = DEMO["full"] if cfg.full_comparison else dict(seeds=1, alphas=(cfg.alpha,), topk=0)
+    results = {}  # name -> {seed: scores}
+    for seed in range(cfg.seed, cfg.seed + full["seeds"]):
+        demo_seed(cfg, seed, os.path.join(root, f"seed{seed}") if full["seeds"] > 1 else root, tok, tok_path,
+                  pretrain, task_train, task_eval, full, results)
+    evalset = eval_set(eval_rows, tok, cfg)
+    for name, preds in trivial_baselines(train_rows, eval_rows).items():
+        r = rouge.corpus_score(evalset.refs, preds, ("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True)
+        results[f"baseline: {name}"] = {"-": {**{k: v.fmeasure for k, v in r.items()}, **answer_sanity(preds)}}
+    table = demo_table(results)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\n{len(eval_rows)} held-out problems, {DEMO['eval_max_new_tokens']} new tokens; ROUGE F1 stemmed, greedy "
+          f"and sampled (temperature {DEMO['eval_temperature']}, top_p 1, mean of {DEMO['eval_seeds']} seeds); "
+          f"teacher-forced figures per reference token:\n{table}\ndemo took {time.time() - t_start:.0f}s; "
+          f"table in {root}/results.md")
+    return results
+
+
+def demo_seed(cfg, seed, root, tok, tok_path, pretrain, task_train, task_eval, full, results):
+    # every stage of the demo for one seed, its scores added to results[name][seed]
+    def init(name, arch, s):
         c = qwen.QwenConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=DEMO["max_len"],
                             tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, torch_dtype="float32", **arch)
         path = os.path.join(root, name)
-        qwen.init_weights(qwen.Qwen(c), seed=seed).save_pretrained(path)
+        qwen.init_weights(qwen.Qwen(c), seed=s).save_pretrained(path)
         shutil.copy(tok_path, path)
         return path
-
-    results = {}
 
     def run(name, **kw):
         t0 = time.time()
         c = Config(**{**dataclasses.asdict(cfg), "out_dir": os.path.join(root, name), "quiet": True, "eval_size": 0,
                       "max_len": DEMO["max_len"], "eval_max_new_tokens": DEMO["eval_max_new_tokens"],
-                      "eval_batch_size": 48, "seqkd_max_new_tokens": DEMO["eval_max_new_tokens"],
-                      "teacher_dtype": "float32", "keep_last": 1, "resume": False, "tokenizer": tok_path, **kw})
+                      "eval_temperature": DEMO["eval_temperature"], "eval_seeds": DEMO["eval_seeds"],
+                      "eval_batch_size": DEMO["eval_size"], "seqkd_max_new_tokens": DEMO["eval_max_new_tokens"],
+                      "teacher_dtype": "float32", "keep_last": 1, "resume": False, "tokenizer": tok_path,
+                      "seed": seed, "eval_data": task_eval, **kw})
         shutil.rmtree(c.out_dir, ignore_errors=True)
         scores = train(c)
-        if scores:
-            results[name] = scores
-        print(f"  {name:<18} {time.time() - t0:5.1f}s  " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if not scores:  # a SIGTERM / SIGUSR1 checkpointed the stage: the demo stops with it
+            raise SystemExit(f"demo: stage {name} stopped by a signal; `python deltakd.py` starts the demo again")
+        results.setdefault(name, {})[seed] = scores
+        print(f"  seed {seed} {name:<22} {time.time() - t0:5.1f}s  " +
+              " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "distinct")))
         return checkpoints(c.out_dir)[-1]
 
     # the raw models are evaluated on the task too: what finetuning and distillation start from
-    raw_t = run("raw-teacher", student=init("init-teacher", DEMO["teacher"], cfg.seed), method="sft",
-                train_data=pretrain, eval_data=chat_eval, **DEMO["pretrain"])
-    raw_s = run("raw-student", student=init("init-student", DEMO["student"], cfg.seed + 1), method="sft",
-                train_data=pretrain, eval_data=chat_eval, **DEMO["pretrain"])
-    ft_t = run("teacher-ft", student=raw_t, method="sft", train_data=chat_train, eval_data=chat_eval,
-               **DEMO["finetune"])
-    for method in ("sft", "fkl", "rkl", "seqkd", "delta"):
-        run(f"student-{method}", student=raw_s, teacher_ft=ft_t, teacher_raw=raw_t, method=method,
-            train_data=chat_train, eval_data=chat_eval, **DEMO["distill"])
+    raw_t = run("raw-teacher", student=init("init-teacher", DEMO["teacher"], seed), method="sft",
+                train_data=pretrain, **DEMO["pretrain"])
+    raw_s = run("raw-student", student=init("init-student", DEMO["student"], seed + 1), method="sft",
+                train_data=pretrain, **DEMO["pretrain"])
+    ft_t = run("teacher-ft", student=raw_t, method="sft", train_data=task_train, **DEMO["finetune"])
+    students = [(m, {"method": m}) for m in ("sft", "fkl", "rkl", "seqkd")]
+    students += [(f"delta-a{a:g}", {"method": "delta", "alpha": a}) for a in full["alphas"]]
+    if full["topk"]:
+        students.append((f"delta-a{cfg.alpha:g}-top{full['topk']}", {
+            "method": "delta", "alpha": cfg.alpha, "topk": full["topk"], "targets_dtype": "float32",
+            "targets_dir": os.path.join(root, "targets")}))
+    for name, kw in students:
+        run(f"student-{name}", student=raw_s, teacher_ft=ft_t, teacher_raw=raw_t, train_data=task_train,
+            **{**DEMO["distill"], **kw})
 
-    names = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
-             "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
-             "student-rkl": "Reverse KL", "student-seqkd": "SeqKD", "student-delta": f"Delta-KD (alpha={cfg.alpha})"}
-    lines = ["| Method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | distinct answers | repeated 4-grams | words |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, label in names.items():
-        s = results[key]
-        lines.append(f"| {label} | {s['rouge1']:.4f} | {s['rouge2']:.4f} | {s['rougeL']:.4f} | {s['rougeLsum']:.4f} | "
-                     f"{s['distinct']:.0%} | {s['repeated_4grams']:.0%} | {s['words']:.1f} |")
-    table = "\n".join(lines)
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nROUGE F1 (stemmed, mean over {len(eval_rows)} held-out prompts, greedy, "
-          f"{DEMO['eval_max_new_tokens']} new tokens):\n{table}\ndemo took {time.time() - t_start:.0f}s; "
-          f"table in {root}/results.md")
-    return results
+
+DEMO_NAMES = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
+              "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
+              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD"}
+
+
+def demo_table(results):
+    # mean (± std over seeds where there are several) of every figure, one row per stage
+    cols = [("ROUGE-1", "rouge1", "{:.4f}"), ("ROUGE-2", "rouge2", "{:.4f}"), ("ROUGE-L", "rougeL", "{:.4f}"),
+            ("sampled ROUGE-L", "sampled_rougeL", "{:.4f}"), ("NLL", "nll", "{:.3f}"),
+            ("KL(teacher ‖ model)", "kl_teacher", "{:.3f}"), ("top-1 = teacher", "top1_teacher", "{:.1%}"),
+            ("distinct", "distinct", "{:.0%}"), ("repeated 4-grams", "repeated_4grams", "{:.0%}"),
+            ("words", "words", "{:.1f}")]
+    lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, by_seed in results.items():
+        label = DEMO_NAMES.get(name) or (name[:1].upper() + name[1:] if name.startswith("baseline")
+                                         else "Delta-KD (" + name.removeprefix("student-delta-").replace("a", "α=", 1)
+                                         .replace("-top", ", stored top-") + ")")
+        cells = []
+        for _, key, fmt in cols:
+            vals = [s[key] for s in by_seed.values() if key in s]
+            if not vals:
+                cells.append("–")
+                continue
+            cell = fmt.format(statistics.mean(vals))
+            if len(vals) > 1:
+                cell += " ± " + fmt.format(statistics.stdev(vals)).lstrip("0")
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv):
