@@ -1,7 +1,7 @@
 """
 Every speed and memory claim of deltakd, each measured side by side with its peer in the same run.
 
-    python bench.py                       # all: forward generate loss rouge step
+    python bench.py                       # all of them (liger needs the optional .[bench] extra)
     python bench.py rouge loss            # some
     python bench.py --gpu                 # the GPU measurements (needs CUDA; under 8 minutes on one H100)
 

@@ -1159,7 +1159,10 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert [m["supervised_tokens"] for m in one[:3]] == [m["supervised_tokens"] for m in two[:3]]
-    assert one[-1]["eval"] == two[-1]["eval"]  # generation split across ranks and gathered
+    ev1, ev2 = one[-1]["eval"], two[-1]["eval"]
+    forced = ("nll", "kl_teacher", "top1_teacher")  # fp32 sums over another split and padding of the examples
+    assert {k: v for k, v in ev1.items() if k not in forced} == {k: v for k, v in ev2.items() if k not in forced}
+    assert set(forced) <= set(ev1) and all(math.isclose(ev1[k], ev2[k], rel_tol=1e-5) for k in forced)
 
 
 def same_files(a, b):
