@@ -1464,7 +1464,7 @@ def demo_table(results):
                 continue
             cell = fmt.format(statistics.mean(vals))
             if len(vals) > 1:
-                cell += " ± " + fmt.format(statistics.stdev(vals)).lstrip("0")
+                cell += " ± " + re.sub(r"^0(?=\.)", "", fmt.format(statistics.stdev(vals)))  # 0.0123 -> .0123
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1379,8 +1379,9 @@ def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, 
 
 
 def test_demo_table_shows_mean_and_std_over_seeds():
-    results = {"student-delta-a0.5": {1: {"rougeL": 0.25, "nll": 2.0}, 2: {"rougeL": 0.35, "nll": 2.5}},
+    results = {"student-delta-a0.5": {1: {"rougeL": 0.25, "nll": 2.0, "distinct": 0.5},
+                                      2: {"rougeL": 0.35, "nll": 2.5, "distinct": 0.5}},
                "baseline: most frequent answer": {"-": {"rougeL": 0.1}}}
     table = deltakd.demo_table(results).splitlines()
-    assert table[2].startswith("| Delta-KD (α=0.5) | – | – | 0.3000 ± .0707 | – | 2.250 ± .354 |")
+    assert table[2].startswith("| Delta-KD (α=0.5) | – | – | 0.3000 ± .0707 | – | 2.250 ± .354 | – | – | 50% ± 0% |")
     assert table[3].startswith("| Baseline: most frequent answer | – | – | 0.1000 | – |")
