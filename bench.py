@@ -177,12 +177,17 @@ def vm_hwm():
             return int(line.split()[1]) * 1024
 
 
+def reset_peak():
+    # VmHWM back to the current RSS (Linux), which it returns: a later vm_hwm() is the peak since now
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return vm_hwm()
+
+
 def loss_child(impl, method, N):
     # runs in its own process: peak RSS above the inputs, or "oom" under an address-space cap
     h, W, labels, teachers, spec = loss_inputs(N, method)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS: the inputs' set-up transients do not count
-    base = vm_hwm()
+    base = reset_peak()  # the inputs' set-up transients do not count
     limit = int(os.environ.get("BENCH_MEM_LIMIT", 0))
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -258,9 +263,7 @@ def bench_liger():
 
     def measured(fn):  # (seconds, peak GiB above the start, loss) of one call, gradients cleared first
         h.grad = W.grad = None
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM back to the current RSS
-        base, t = vm_hwm(), time.perf_counter()
+        base, t = reset_peak(), time.perf_counter()
         loss = fn()
         return time.perf_counter() - t, (vm_hwm() - base) / 2**30, loss.item()
 

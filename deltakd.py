@@ -823,7 +823,7 @@ def forced_scores(model, teacher, forced, pad_id, vocab, cfg, rank, world):
         with autocast(dev, cfg.autocast):
             hs = {m: m(input_ids, attention_mask, return_hidden=True)[:, :-1][mask] for m in (model, teacher) if m}
         for c in range(0, len(targets), cfg.chunk_size):
-            z = {m: (h[c:c + cfg.chunk_size] @ m.lm_head.weight[:vocab].T).float() for m, h in hs.items()}
+            z = {m: logits(h[c:c + cfg.chunk_size], m.lm_head.weight[:vocab]) for m, h in hs.items()}
             logq = F.log_softmax(z[model], dim=-1)
             sums[0] += negative_log_likelihood(logq, targets[c:c + cfg.chunk_size])
             if teacher:
@@ -841,14 +841,13 @@ def evaluate(model, evalset, teacher, tokenizer, cfg, rank, world, tag):
     also of sampled ones (top_p 1, the mean over --eval_seeds answers per prompt: the MiniLLM / DistiLLM
     protocol) as sampled_*; answer_sanity of the greedy answers; forced_scores. Answers to
     eval-{tag}.jsonl (and eval-{tag}-sampled.jsonl)."""
-    types = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     protocols = [("", 0.0, 1)] + ([("sampled_", cfg.eval_temperature, cfg.eval_seeds)] if cfg.eval_temperature else [])
     scores = {}
     for prefix, temperature, n_seeds in protocols:
         preds = [generate_all(model, evalset.prompts, tokenizer, cfg.eval_max_new_tokens, cfg.eval_batch_size, rank,
                               world, temperature, cfg.seed + k) for k in range(n_seeds)]
-        per_seed = [rouge.corpus_score(evalset.refs, p, types, use_stemmer=True) for p in preds]
-        scores.update({prefix + t: statistics.mean(s[t].fmeasure for s in per_seed) for t in types})
+        per_seed = [rouge_f1(evalset.refs, p) for p in preds]
+        scores.update({prefix + t: statistics.mean(s[t] for s in per_seed) for t in per_seed[0]})
         if not prefix:
             scores.update(answer_sanity(preds[0]))
         if rank == 0:
@@ -860,6 +859,11 @@ def evaluate(model, evalset, teacher, tokenizer, cfg, rank, world, tag):
     forced = forced_scores(model, teacher, evalset.forced, tokenizer.token_to_id("<|endoftext|>"),
                            tokenizer.get_vocab_size(), cfg, rank, world)
     return {**scores, **forced}
+
+
+def rouge_f1(refs, preds):
+    # ROUGE-1/2/L/Lsum F1, stemmed, mean over examples: what every table here reports
+    return {t: s.fmeasure for t, s in rouge.corpus_score(refs, preds, use_stemmer=True).items()}
 
 
 def answer_sanity(preds):
@@ -1312,9 +1316,9 @@ TASK_INSTRUCTION = "What does this problem ask? Answer with its question sentenc
 
 
 def demo_task(row):
-    """The demo's task: a GSM8K word problem -> the sentence of it that asks the question (its last). Short,
-    different for every problem, and learnable by a 1M-parameter model in a minute: the finetuned teacher
-    is a real model of it, which it was not of GSM8K's worked solutions (it looped)."""
+    """The demo's task: a GSM8K word problem -> the sentence of it that asks the question (its last). Short
+    and different for every problem, chosen so that a 1M-parameter teacher could become a real model of it
+    (on GSM8K's worked solutions it looped); measured, it does not yet (13% distinct answers, README)."""
     q = " ".join(row["question"].split())
     return {"messages": [{"role": "user", "content": TASK_INSTRUCTION + q},
                          {"role": "assistant", "content": re.split(r"(?<=[.!?])\s+", q)[-1]}]}
@@ -1379,10 +1383,9 @@ def demo(cfg):
     for seed in range(cfg.seed, cfg.seed + full["seeds"]):
         demo_seed(cfg, seed, os.path.join(root, f"seed{seed}") if full["seeds"] > 1 else root, tok, tok_path,
                   pretrain, task_train, task_eval, full, results)
-    evalset = eval_set(eval_rows, tok, cfg)
+    refs = [r["messages"][1]["content"] for r in eval_rows]
     for name, preds in trivial_baselines(train_rows, eval_rows).items():
-        r = rouge.corpus_score(evalset.refs, preds, ("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True)
-        results[f"baseline: {name}"] = {"-": {**{k: v.fmeasure for k, v in r.items()}, **answer_sanity(preds)}}
+        results[f"baseline: {name}"] = {"-": {**rouge_f1(refs, preds), **answer_sanity(preds)}}
     table = demo_table(results)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(table + "\n")
