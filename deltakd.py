@@ -13,6 +13,7 @@ The student learns the shift the teacher acquired in finetuning rather than its 
 alpha = 0 is forward-KL distillation from the finetuned teacher; lam = 1 is SFT.
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -867,15 +868,16 @@ def rouge_f1(refs, preds):
 
 
 def answer_sanity(preds):
-    """What ROUGE cannot see: the share of distinct answers, the mean share of each answer's word 4-grams
-    that repeat an earlier 4-gram of the same answer (a looping answer scores near 1), and the mean
-    answer length in words."""
+    """What ROUGE cannot see: the share of distinct answers; the mean share of each answer's word 4-grams
+    that repeat an earlier 4-gram of the same answer (a looping answer scores near 1); the share of sound
+    answers (given to no other prompt and repeating no 4-gram at all); the mean length in words."""
     def repeated(words):
         grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
         return 1 - len(set(grams)) / len(grams) if grams else 0.0
     words = [p.split() for p in preds]
-    n = max(len(preds), 1)
-    return {"distinct": len(set(preds)) / n, "repeated_4grams": sum(map(repeated, words)) / n,
+    n, count = max(len(preds), 1), collections.Counter(preds)
+    sound = sum(count[p] == 1 and repeated(w) == 0 for p, w in zip(preds, words))
+    return {"distinct": len(set(preds)) / n, "repeated_4grams": sum(map(repeated, words)) / n, "sound": sound / n,
             "words": sum(map(len, words)) / n}
 
 
@@ -1301,14 +1303,18 @@ DEMO = dict(
     chat_data=os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"),  # general English and chat
     task_data=os.path.join(HERE, "assets/data/gsm8k/test.jsonl"),  # GSM8K word problems: the task's inputs
     vocab_size=4096, max_len=192, eval_size=120, eval_max_new_tokens=48, eval_temperature=1.0, eval_seeds=2,
-    teacher=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    task_sentences=3,  # the task's input: the problem's last 3 sentences (shorter prompts: cheaper steps)
+    repeat_chars=100,  # pretraining text in 100-character passages, each written twice (see demo())
+    teacher=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
     student=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
-    # tiny models take (and need) a high learning rate; steps sized for ~5 minutes on 2 cores
-    pretrain=dict(max_steps=150, lr=1e-2, warmup_steps=10, batch_size=16),
-    finetune=dict(max_steps=600, lr=1e-2, warmup_steps=10, batch_size=16),  # fewer: the teacher loops
-    distill=dict(max_steps=100, lr=1e-2, warmup_steps=10, batch_size=16),
+    # one learning rate for every stage (at 1e-2 the finetuned teacher gave 13% distinct answers); constant
+    # in pretraining, as copying appears only after ~500 steps
+    pretrain_teacher=dict(max_steps=600, lr=3e-3, min_lr_ratio=1.0, warmup_steps=10, batch_size=16),
+    pretrain_student=dict(max_steps=250, lr=3e-3, min_lr_ratio=1.0, warmup_steps=10, batch_size=16),
+    finetune=dict(max_steps=700, lr=3e-3, warmup_steps=10, batch_size=16),
+    distill=dict(max_steps=150, lr=3e-3, warmup_steps=10, batch_size=16),
     # the full comparison (--full_comparison=true): seeds, Delta-KD's alphas, and its stored top-k run
     full=dict(seeds=3, alphas=(0.0, 0.5, 1.0), topk=16),
 )
@@ -1316,12 +1322,12 @@ TASK_INSTRUCTION = "What does this problem ask? Answer with its question sentenc
 
 
 def demo_task(row):
-    """The demo's task: a GSM8K word problem -> the sentence of it that asks the question (its last). Short
-    and different for every problem, chosen so that a 1M-parameter teacher could become a real model of it
-    (on GSM8K's worked solutions it looped); measured, it does not yet (13% distinct answers, README)."""
-    q = " ".join(row["question"].split())
-    return {"messages": [{"role": "user", "content": TASK_INSTRUCTION + q},
-                         {"role": "assistant", "content": re.split(r"(?<=[.!?])\s+", q)[-1]}]}
+    """The demo's task: the last sentences of a GSM8K word problem -> the one that asks the question (the
+    last), copied. Short and different for every problem: a 1M-parameter teacher that has learned to copy
+    from its context in pretraining becomes a real model of it (on worked solutions it looped)."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(row["question"].split()))
+    return {"messages": [{"role": "user", "content": TASK_INSTRUCTION + " ".join(sentences[-DEMO["task_sentences"]:])},
+                         {"role": "assistant", "content": sentences[-1]}]}
 
 
 def trivial_baselines(train_rows, eval_rows):
@@ -1372,10 +1378,13 @@ def demo(cfg):
         with open(os.path.join(root, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rs)
         return os.path.join(root, name)
-    # pretraining: the Ultrachat text packed into ~1,000-character documents, and the same conversations
-    # in the chat format (no task data in either)
-    text = "\n\n".join(english)
-    pretrain = write("pretrain.jsonl", [{"text": text[i:i + 1000]} for i in range(0, len(text), 1000)] + chats)
+    # pretraining: the Ultrachat text and the same conversations in the chat format (no task data in
+    # either). A real base model can copy from its context (induction heads), a skill web-scale text
+    # teaches and a few hundred steps of plain text do not; so each text passage is written twice, the
+    # quick route to it (Olsson et al., 2022): measured, copying then appears after ~500 steps
+    text, n = "\n\n".join(english), DEMO["repeat_chars"]
+    docs = [{"text": text[i:i + n] + "\n\n" + text[i:i + n]} for i in range(0, len(text), n)]
+    pretrain = write("pretrain.jsonl", docs + chats)
     task_train, task_eval = write("task_train.jsonl", train_rows), write("task_eval.jsonl", eval_rows)
 
     full = DEMO["full"] if cfg.full_comparison else dict(seeds=1, alphas=(cfg.alpha,), topk=0)
@@ -1427,9 +1436,9 @@ def demo_seed(cfg, seed, root, tok, tok_path, pretrain, task_train, task_eval, f
 
     # the raw models are evaluated on the task too: what finetuning and distillation start from
     raw_t = run("raw-teacher", student=init("init-teacher", DEMO["teacher"], seed), method="sft",
-                train_data=pretrain, **DEMO["pretrain"])
+                train_data=pretrain, **DEMO["pretrain_teacher"])
     raw_s = run("raw-student", student=init("init-student", DEMO["student"], seed + 1), method="sft",
-                train_data=pretrain, **DEMO["pretrain"])
+                train_data=pretrain, **DEMO["pretrain_student"])
     ft_t = run("teacher-ft", student=raw_t, method="sft", train_data=task_train, **DEMO["finetune"])
     students = [(m, {"method": m}) for m in ("sft", "fkl", "rkl", "seqkd")]
     students += [(f"delta-a{a:g}", {"method": "delta", "alpha": a}) for a in full["alphas"]]
@@ -1453,7 +1462,7 @@ def demo_table(results):
             ("sampled ROUGE-L", "sampled_rougeL", "{:.4f}"), ("NLL", "nll", "{:.3f}"),
             ("KL(teacher ‖ model)", "kl_teacher", "{:.3f}"), ("top-1 = teacher", "top1_teacher", "{:.1%}"),
             ("distinct", "distinct", "{:.0%}"), ("repeated 4-grams", "repeated_4grams", "{:.0%}"),
-            ("words", "words", "{:.1f}")]
+            ("sound", "sound", "{:.0%}"), ("words", "words", "{:.1f}")]
     lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, by_seed in results.items():
         label = DEMO_NAMES.get(name) or (name[:1].upper() + name[1:] if name.startswith("baseline")

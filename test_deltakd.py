@@ -924,8 +924,11 @@ def test_divergence_is_refused_where_it_has_no_effect():
 
 def test_answer_sanity_counts_distinct_answers_loops_and_length():
     loop = "the total of the total of the total of"  # 4-grams: 6, distinct: 3 -> half repeat
-    got = deltakd.answer_sanity([loop, loop, "a b c", "one two three four five"])
-    assert got == {"distinct": 0.75, "repeated_4grams": (0.5 + 0.5 + 0 + 0) / 4, "words": (9 + 9 + 3 + 5) / 4}
+    once = "how many of the cats and how many of the dogs"  # one 4-gram ("how many of the") twice
+    got = deltakd.answer_sanity([loop, loop, "a b c", "one two three four five", once])
+    # sound: given to no other prompt and no repeated 4-gram -> only "a b c" and "one two three four five"
+    assert got == {"distinct": 4 / 5, "repeated_4grams": (0.5 + 0.5 + 0 + 0 + 1 / 8) / 5, "sound": 2 / 5,
+                   "words": (9 + 9 + 3 + 5 + 11) / 5}
 
 
 def test_config_overrides_are_type_checked_and_unknown_keys_named():
@@ -974,8 +977,8 @@ def weights(ckpt):
 
 def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
     scores = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=4, save_every=1, keep_last=2)))
-    assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "distinct", "repeated_4grams", "words", "nll",
-                           "kl_teacher", "top1_teacher"}
+    assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "distinct", "repeated_4grams", "sound", "words",
+                           "nll", "kl_teacher", "top1_teacher"}
     ckpts = deltakd.checkpoints(str(tmp_path))
     assert [os.path.basename(c) for c in ckpts] == ["ckpt-0000003", "ckpt-0000004"]  # keep_last
     ours = qwen.Qwen.from_pretrained(ckpts[-1]).eval()
@@ -1039,6 +1042,15 @@ def test_sampled_evaluation_is_scored_beside_greedy_and_reproducible_per_seed(ru
     for bad in (["--eval_seeds=3"], ["--eval_temperature=-1"], ["--eval_temperature=1", "--eval_seeds=0"]):
         with pytest.raises(SystemExit, match="--eval_seeds >= 1"):
             deltakd.parse_args(bad)
+
+
+def test_demo_task_asks_for_the_question_sentence_of_the_problems_last_sentences():
+    row = {"question": "Ann has 3 cats.  She buys 2 more!\nEach eats 1 can a day. How many cans do\tthey eat in "
+                       "a week?", "answer": "#### 35"}
+    user, assistant = deltakd.demo_task(row)["messages"]
+    assert user == {"role": "user", "content": deltakd.TASK_INSTRUCTION + "She buys 2 more! Each eats 1 can a day. "
+                                                                          "How many cans do they eat in a week?"}
+    assert assistant == {"role": "assistant", "content": "How many cans do they eat in a week?"}
 
 
 def test_trivial_baselines_answer_the_most_frequent_answer_and_the_nearest_problems_answer():
@@ -1336,8 +1348,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run
 def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identically(tmp_path, monkeypatch):
     # the real demo with every stage shrunk to a few steps; its full-size run is measured in the README
     # (the teacher gets enough finetuning to answer with text, so SeqKD has something to learn from)
+    pretrain = dict(max_steps=2, lr=1e-3, batch_size=4)
     small = dict(deltakd.DEMO, vocab_size=2000, eval_size=6, eval_max_new_tokens=6, eval_seeds=2,
-                 pretrain=dict(max_steps=2, lr=1e-3, batch_size=4), finetune=dict(max_steps=40, lr=1e-2, batch_size=8),
+                 pretrain_teacher=pretrain, pretrain_student=pretrain, finetune=dict(max_steps=40, lr=1e-2, batch_size=8),
                  distill=dict(max_steps=2, lr=1e-3, batch_size=4))
     monkeypatch.setattr(deltakd, "DEMO", small)
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true"]))
@@ -1346,7 +1359,7 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
     assert set(results) == stages | {"baseline: most frequent answer", "baseline: nearest training answer"}
     for stage in stages:  # every figure of the table, for every stage, from its one seed
         s = results[stage][1337]
-        assert {"rougeL", "sampled_rougeL", "nll", "distinct", "repeated_4grams", "words"} <= set(s)
+        assert {"rougeL", "sampled_rougeL", "nll", "distinct", "repeated_4grams", "sound", "words"} <= set(s)
         assert ("kl_teacher" in s) == stage.startswith("student")
     table = open(tmp_path / "results.md").read()
     assert table.count("\n") == 12 and "Delta-KD (α=1)" in table and "SeqKD" in table and "KL(teacher" in table
@@ -1363,8 +1376,9 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
 
 def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, monkeypatch):
     # as the demo's test: the teacher is finetuned enough to answer with text, so SeqKD has data
+    pretrain = dict(max_steps=2, lr=1e-3, batch_size=4)
     small = dict(deltakd.DEMO, vocab_size=2000, eval_size=4, eval_max_new_tokens=6, eval_seeds=1,
-                 pretrain=dict(max_steps=2, lr=1e-3, batch_size=4), finetune=dict(max_steps=40, lr=1e-2, batch_size=8),
+                 pretrain_teacher=pretrain, pretrain_student=pretrain, finetune=dict(max_steps=40, lr=1e-2, batch_size=8),
                  distill=dict(max_steps=1, lr=1e-3, batch_size=4), full=dict(seeds=2, alphas=(0.0, 1.0), topk=4))
     monkeypatch.setattr(deltakd, "DEMO", small)
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true"]))
