@@ -875,9 +875,10 @@ def answer_sanity(preds):
         grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
         return 1 - len(set(grams)) / len(grams) if grams else 0.0
     words = [p.split() for p in preds]
+    rep = [repeated(w) for w in words]
     n, count = max(len(preds), 1), collections.Counter(preds)
-    sound = sum(count[p] == 1 and repeated(w) == 0 for p, w in zip(preds, words))
-    return {"distinct": len(set(preds)) / n, "repeated_4grams": sum(map(repeated, words)) / n, "sound": sound / n,
+    sound = sum(count[p] == 1 and r == 0 for p, r in zip(preds, rep))
+    return {"distinct": len(count) / n, "repeated_4grams": sum(rep) / n, "sound": sound / n,
             "words": sum(map(len, words)) / n}
 
 
@@ -1339,7 +1340,8 @@ def trivial_baselines(train_rows, eval_rows):
     for r in eval_rows:
         w = set(r["messages"][0]["content"].lower().split())
         nearest.append(answers[max(range(len(words)), key=lambda i: len(w & words[i]))])
-    common = max(set(answers), key=lambda a: (answers.count(a), a))
+    count = collections.Counter(answers)
+    common = max(count, key=lambda a: (count[a], a))
     return {"most frequent answer": [common] * len(eval_rows), "nearest training answer": nearest}
 
 

@@ -1345,14 +1345,17 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identically(tmp_path, monkeypatch):
+def shrink_demo(monkeypatch, **over):
     # the real demo with every stage shrunk to a few steps; its full-size run is measured in the README
     # (the teacher gets enough finetuning to answer with text, so SeqKD has something to learn from)
     pretrain = dict(max_steps=2, lr=1e-3, batch_size=4)
-    small = dict(deltakd.DEMO, vocab_size=2000, eval_size=6, eval_max_new_tokens=6, eval_seeds=2,
-                 pretrain_teacher=pretrain, pretrain_student=pretrain, finetune=dict(max_steps=40, lr=1e-2, batch_size=8),
-                 distill=dict(max_steps=2, lr=1e-3, batch_size=4))
-    monkeypatch.setattr(deltakd, "DEMO", small)
+    monkeypatch.setattr(deltakd, "DEMO", dict(deltakd.DEMO, vocab_size=2000, eval_max_new_tokens=6,
+                                              pretrain_teacher=pretrain, pretrain_student=pretrain,
+                                              finetune=dict(max_steps=40, lr=1e-2, batch_size=8), **over))
+
+
+def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identically(tmp_path, monkeypatch):
+    shrink_demo(monkeypatch, eval_size=6, eval_seeds=2, distill=dict(max_steps=2, lr=1e-3, batch_size=4))
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true"]))
     stages = {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd",
               "student-delta-a1"}
@@ -1375,12 +1378,8 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
 
 
 def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, monkeypatch):
-    # as the demo's test: the teacher is finetuned enough to answer with text, so SeqKD has data
-    pretrain = dict(max_steps=2, lr=1e-3, batch_size=4)
-    small = dict(deltakd.DEMO, vocab_size=2000, eval_size=4, eval_max_new_tokens=6, eval_seeds=1,
-                 pretrain_teacher=pretrain, pretrain_student=pretrain, finetune=dict(max_steps=40, lr=1e-2, batch_size=8),
-                 distill=dict(max_steps=1, lr=1e-3, batch_size=4), full=dict(seeds=2, alphas=(0.0, 1.0), topk=4))
-    monkeypatch.setattr(deltakd, "DEMO", small)
+    shrink_demo(monkeypatch, eval_size=4, eval_seeds=1, distill=dict(max_steps=1, lr=1e-3, batch_size=4),
+                full=dict(seeds=2, alphas=(0.0, 1.0), topk=4))
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true"]))
     runs = {k for k in results if not k.startswith("baseline")}
     assert runs == {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl",
