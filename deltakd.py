@@ -70,7 +70,7 @@ class Config:
     method: str = "delta"       # sft | fkl | rkl | delta | seqkd (see METHODS)
     divergence: str = "fkl"     # delta only: fkl = KL(pi* || pi_theta) (the paper), rkl = KL(pi_theta || pi*)
     lam: float = 0.5            # weight of the SFT term (forced to 1 for sft and seqkd)
-    alpha: float = 1.0          # strength of the finetuning shift
+    alpha: float = 1.0          # strength of the finetuning shift; 0: the raw models are not loaded
     temperature: float = 1.0
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
     targets_dir: str = ""       # empty: frozen models run live at every step
@@ -486,17 +486,25 @@ def all_reduce(x):
     return x
 
 
+def frozen_roles(cfg):
+    """The frozen models the loss reads, by role: METHODS' list, less the raw models at alpha = 0, where
+    their weight in the target is 0 (Delta-KD at alpha 0 is forward KL from the finetuned teacher): at
+    the paper's scale that is a 7B and a 1.5B model neither loaded nor run."""
+    roles = METHODS[cfg.method].frozen
+    return tuple(r for r in roles if r not in ("teacher_raw", "student_raw")) if cfg.alpha == 0 else roles
+
+
 def needed_models(cfg):
     # role -> directory; only what the method needs is loaded (and a given --teacher_ft, for evaluation)
     method = METHODS[cfg.method]
-    roles = method.frozen + ((method.generator,) if method.generator else ())
+    roles = frozen_roles(cfg) + ((method.generator,) if method.generator else ())
     roles += ("teacher_ft",) if cfg.teacher_ft and "teacher_ft" not in roles else ()
     return {role: (cfg.student_raw or cfg.student) if role == "student_raw" else getattr(cfg, role) for role in roles}
 
 
 def frozen_models(cfg):
-    # role -> directory of the frozen models the loss reads (METHODS' frozen roles; seqkd's generator is not one)
-    return {role: path for role, path in needed_models(cfg).items() if role in METHODS[cfg.method].frozen}
+    # role -> directory of the frozen models the loss reads (frozen_roles; seqkd's generator is not one)
+    return {role: path for role, path in needed_models(cfg).items() if role in frozen_roles(cfg)}
 
 
 def check_inputs(cfg):
@@ -645,7 +653,7 @@ def model_identity(path):
 
 
 def targets_key(cfg, cache, vocab, device):
-    roles = METHODS[cfg.method].frozen
+    roles = frozen_roles(cfg)
     return {"format": 1, "tokens": cache.meta["key"], "vocab": vocab, "topk": min(cfg.topk, vocab),
             "models": {role: model_identity(path) for role, path in frozen_models(cfg).items()},
             "alpha": cfg.alpha if "teacher_raw" in roles else None, "temperature": cfg.temperature,

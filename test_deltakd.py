@@ -1226,6 +1226,19 @@ def test_training_with_stored_targets_loads_no_frozen_model_and_refuses_a_foreig
     deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "rkl", method="rkl", **fkl)))
 
 
+def test_delta_at_alpha_zero_reads_no_raw_model_and_trains_exactly_as_forward_kl(run_dir, tmp_path):
+    # the raw models' weight in the target is 0: a --teacher_raw that does not exist is never opened
+    common = dict(max_steps=3, eval_size=0)
+    cfg = deltakd.parse_args(args(run_dir, tmp_path / "delta", alpha=0.0, teacher_raw=tmp_path / "absent", **common))
+    assert set(deltakd.frozen_models(cfg)) == {"teacher_ft"}
+    deltakd.train(cfg)
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "fkl", method="fkl", **common)))
+    delta, fkl = (weights(deltakd.checkpoints(str(tmp_path / d))[-1]) for d in ("delta", "fkl"))
+    assert delta.keys() == fkl.keys() and all(torch.equal(delta[k], fkl[k]) for k in delta)
+    assert set(deltakd.frozen_models(deltakd.parse_args(args(run_dir, tmp_path, alpha=0.5)))) == {
+        "teacher_ft", "teacher_raw", "student_raw"}
+
+
 def test_sigterm_to_a_two_rank_job_checkpoints_exits_cleanly_and_resumes_bit_exactly(run_dir, tmp_path):
     common = dict(max_steps=8, eval_size=0, lr=1e-2, cache_dir=tmp_path / "cache")
     r = run_one_thread(args(run_dir, tmp_path / "straight", **common), nproc=2)
