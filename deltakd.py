@@ -1405,6 +1405,9 @@ def demo(cfg):
     refs = [r["messages"][1]["content"] for r in eval_rows]
     for name, preds in trivial_baselines(train_rows, eval_rows).items():
         results[f"baseline: {name}"] = {"-": {**rouge_f1(refs, preds), **answer_sanity(preds)}}
+    # the sanity figures of the references themselves: some questions repeat a 4-gram ("... jelly beans
+    # than blue jelly beans ..."), so a perfect copier is not 100% sound
+    results["references"] = {"-": answer_sanity(refs)}
     table = demo_table(results)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(table + "\n")
@@ -1463,7 +1466,8 @@ def demo_seed(cfg, seed, root, tok, tok_path, pretrain, task_train, task_eval, f
 
 DEMO_NAMES = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
               "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
-              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD"}
+              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD",
+              "references": "Reference answers (sanity only)"}
 
 
 def demo_table(results):

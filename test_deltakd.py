@@ -1372,14 +1372,17 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true"]))
     stages = {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd",
               "student-delta-a1"}
-    assert set(results) == stages | {"baseline: most frequent answer", "baseline: nearest training answer"}
+    assert set(results) == stages | {"baseline: most frequent answer", "baseline: nearest training answer", "references"}
     for stage in stages:  # every figure of the table, for every stage, from its one seed
         s = results[stage][1337]
         assert {"rougeL", "sampled_rougeL", "nll", "distinct", "repeated_4grams", "sound", "words"} <= set(s)
         assert ("kl_teacher" in s) == stage.startswith("student")
     table = open(tmp_path / "results.md").read()
-    assert table.count("\n") == 12 and "Delta-KD (α=1)" in table and "SeqKD" in table and "KL(teacher" in table
+    assert table.count("\n") == 13 and "Delta-KD (α=1)" in table and "SeqKD" in table and "KL(teacher" in table
     assert "| Baseline: nearest training answer |" in table
+    refs = [json.loads(x)["reference"] for x in open(tmp_path / "teacher-ft" / "eval-final.jsonl")]
+    assert results["references"]["-"] == deltakd.answer_sanity(refs)
+    assert "| Reference answers (sanity only) | – | – | – | – | – | – | – | 100% |" in table
     seqkd = data.read_rows(str(tmp_path / "student-seqkd" / "seqkd_data.jsonl"))
     assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)
     again = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'again'}", "--quiet=true"]))
@@ -1394,7 +1397,7 @@ def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, 
     shrink_demo(monkeypatch, eval_size=4, eval_seeds=1, distill=dict(max_steps=1, lr=1e-3, batch_size=4),
                 full=dict(seeds=2, alphas=(0.0, 1.0), topk=4))
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true"]))
-    runs = {k for k in results if not k.startswith("baseline")}
+    runs = {k for k in results if not k.startswith("baseline") and k != "references"}
     assert runs == {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl",
                     "student-seqkd", "student-delta-a0", "student-delta-a1", "student-delta-a1-top4"}
     assert all(set(results[k]) == {1337, 1338} for k in runs)  # per-seed values, in results.json too
