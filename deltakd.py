@@ -1231,6 +1231,8 @@ def train(cfg):
     np.random.seed(cfg.seed)
     if master and not cfg.quiet:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
+        if frozen_roles(cfg) != METHODS[cfg.method].frozen:
+            print("--alpha=0: the target is the finetuned teacher's alone; the raw models are not loaded")
 
     # data: tokenized once into a memory-mapped cache; held-out prompts for evaluation
     cache, train_idx, eval_rows = load_data(cfg, tokenizer, tok_path, rank, world, device)
