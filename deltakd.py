@@ -487,11 +487,12 @@ def all_reduce(x):
 
 
 def frozen_roles(cfg):
-    """The frozen models the loss reads, by role: METHODS' list, less the raw models at alpha = 0, where
-    their weight in the target is 0 (Delta-KD at alpha 0 is forward KL from the finetuned teacher): at
-    the paper's scale that is a 7B and a 1.5B model neither loaded nor run."""
+    """The frozen models the loss reads, by role: METHODS' list, less those whose weight in the target
+    (target_weights) is 0. At alpha = 0 that is the raw models (Delta-KD is then forward KL from the
+    finetuned teacher): at the paper's scale a 7B and a 1.5B model neither loaded nor run."""
     roles = METHODS[cfg.method].frozen
-    return tuple(r for r in roles if r not in ("teacher_raw", "student_raw")) if cfg.alpha == 0 else roles
+    weights = target_weights(roles, cfg.alpha)
+    return tuple(r for r in roles if weights[r] != 0)
 
 
 def needed_models(cfg):
