@@ -482,14 +482,16 @@ def bench_topk(demo_dir="out"):
     data: mass outside the top K, relative error of the KD loss and cosine of the stored-target and
     exact gradients w.r.t. the student's logits, for K in 8, 64, 256."""
     from tokenizers import Tokenizer
-    need = ["teacher-ft", "raw-teacher", "raw-student", "task_train.jsonl", "tokenizer.json"]
+    need = ["teacher-ft", "task_train.jsonl", "task_eval.jsonl"]
     if not all(os.path.exists(os.path.join(demo_dir, n)) for n in need):
         return f"topk: skipped, run `python deltakd.py --out_dir={demo_dir}` first (needs {need})"
-    ck = lambda name: deltakd.checkpoints(os.path.join(demo_dir, name))[-1]  # noqa: E731
-    frozen = {r: qwen.Qwen.from_pretrained(ck(n)).eval() for r, n in
-              [("teacher_ft", "teacher-ft"), ("teacher_raw", "raw-teacher"), ("student_raw", "raw-student")]}
+    # the demo's seed-1337 models: its finetuned teacher, and the bundled raw models and tokenizer it started from
+    tok_path, raw = deltakd.demo_raw_models(deltakd.Config(out_dir=demo_dir), [1337])
+    paths = {"teacher_ft": deltakd.checkpoints(os.path.join(demo_dir, "teacher-ft"))[-1],
+             "teacher_raw": raw[1337][0], "student_raw": raw[1337][1]}
+    frozen = {r: qwen.Qwen.from_pretrained(p).eval() for r, p in paths.items()}
     student = frozen["student_raw"]
-    tok = Tokenizer.from_file(os.path.join(demo_dir, "tokenizer.json"))
+    tok = Tokenizer.from_file(tok_path)
     examples, _ = data.encode_rows(data.read_rows(os.path.join(demo_dir, "task_train.jsonl"))[:64], tok, 192)
     ids, labels, _ = data.collate(examples, tok.token_to_id("<|endoftext|>"))
     spec = deltakd.LossSpec(vocab=tok.get_vocab_size(), lam=0.0)
@@ -515,10 +517,11 @@ def bench_topk(demo_dir="out"):
                                                           "topk": 64})):
         out = os.path.join(demo_dir, "bench-delta-" + name.replace(" ", "-"))
         shutil.rmtree(out, ignore_errors=True)
-        cfg = deltakd.Config(student=ck("raw-student"), teacher_ft=ck("teacher-ft"), teacher_raw=ck("raw-teacher"),
-                             method="delta", train_data=os.path.join(demo_dir, "task_train.jsonl"),
+        cfg = deltakd.Config(student=paths["student_raw"], teacher_ft=paths["teacher_ft"],
+                             teacher_raw=paths["teacher_raw"], method="delta",
+                             train_data=os.path.join(demo_dir, "task_train.jsonl"),
                              eval_data=os.path.join(demo_dir, "task_eval.jsonl"), out_dir=out, quiet=True,
-                             tokenizer=os.path.join(demo_dir, "tokenizer.json"), max_len=deltakd.DEMO["max_len"],
+                             tokenizer=tok_path, max_len=deltakd.DEMO["max_len"],
                              eval_max_new_tokens=deltakd.DEMO["eval_max_new_tokens"], eval_batch_size=48,
                              teacher_dtype="float32", cache_dir=os.path.join(demo_dir, "cache"),
                              **deltakd.DEMO["distill"], **extra)

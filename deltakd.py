@@ -114,7 +114,9 @@ class Config:
     peak_tflops: float = 0.0    # per device, for MFU in the log; 0: 989 on H100/H200, 312 on A100 (bf16 dense), else none
     quiet: bool = False         # no per-step lines (metrics.jsonl is still written)
     dry_run: bool = False       # print the per-GPU memory plan and FLOPs per step from config.json alone, then exit
+    eval_only: bool = False     # score --student on --eval_data (with --teacher_ft: the teacher-forced KL) and stop
     full_comparison: bool = False  # the demo only: 3 seeds, Delta-KD at alpha 0, 0.5, 1 and with stored top-k
+    demo_raw_models: str = ""   # the demo only: its raw models and tokenizer (default the bundled assets/demo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,7 +500,7 @@ def frozen_roles(cfg):
 def needed_models(cfg):
     # role -> directory; only what the method needs is loaded (and a given --teacher_ft, for evaluation)
     method = METHODS[cfg.method]
-    roles = frozen_roles(cfg) + ((method.generator,) if method.generator else ())
+    roles = () if cfg.eval_only else frozen_roles(cfg) + ((method.generator,) if method.generator else ())
     roles += ("teacher_ft",) if cfg.teacher_ft and "teacher_ft" not in roles else ()
     return {role: (cfg.student_raw or cfg.student) if role == "student_raw" else getattr(cfg, role) for role in roles}
 
@@ -517,9 +519,11 @@ def check_inputs(cfg):
             raise SystemExit(f"--method={cfg.method} needs --{role}")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"--{role}={path}: no config.json there (not an HF model directory)")
+    if cfg.eval_only and not cfg.eval_data:
+        raise SystemExit("--eval_only needs --eval_data (the held-out file to score --student on)")
     for key in ("train_data", "eval_data"):
         path = getattr(cfg, key)
-        if (path or key == "train_data") and not os.path.isfile(path):
+        if (path or (key == "train_data" and not cfg.eval_only)) and not os.path.isfile(path):
             raise SystemExit(f"--{key}={path}: no such file")
     tok_path = cfg.tokenizer or os.path.join(cfg.student, "tokenizer.json")
     if not os.path.isfile(tok_path):
@@ -1234,6 +1238,12 @@ def train(cfg):
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         if frozen_roles(cfg) != METHODS[cfg.method].frozen:
             print("--alpha=0: the target is the finetuned teacher's alone; the raw models are not loaded")
+    if cfg.eval_only:  # a model given, not trained (a base model, a teacher): scored as every trained one is
+        model = qwen.Qwen.from_pretrained(cfg.student, dtype=torch.float32, device=device)
+        evalset = eval_set(data.read_rows(cfg.eval_data), tokenizer, cfg)
+        scores = evaluate(model, evalset, eval_teacher(cfg, {}, device), tokenizer, cfg, rank, world, "final")
+        log_eval(cfg, 0, scores, master, os.path.join(cfg.out_dir, "metrics.jsonl"))
+        return scores if master else {}
 
     # data: tokenized once into a memory-mapped cache; held-out prompts for evaluation
     cache, train_idx, eval_rows = load_data(cfg, tokenizer, tok_path, rank, world, device)
@@ -1314,19 +1324,23 @@ def train(cfg):
 DEMO = dict(
     chat_data=os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"),  # general English and chat
     task_data=os.path.join(HERE, "assets/data/gsm8k/test.jsonl"),  # GSM8K word problems: the task's inputs
+    raw_models=os.path.join(HERE, "assets/demo"),  # the bundled raw models and tokenizer (demo_raw_models)
     vocab_size=4096, max_len=192, eval_size=120, eval_max_new_tokens=48, eval_temperature=1.0, eval_seeds=2,
     task_sentences=3,  # the task's input: the problem's last 3 sentences (shorter prompts: cheaper steps)
-    repeat_chars=100,  # pretraining text in 100-character passages, each written twice (see demo())
+    # pretraining text in passages written twice (see demo_raw_models); one in four is 200 characters, as
+    # 19% of the task's answers are longer than 100 (with 100 alone, long copies looped)
+    repeat_chars=(100, 100, 100, 200),
     teacher=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
     student=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
     # one learning rate for every stage (at 1e-2 the finetuned teacher gave 13% distinct answers); constant
-    # in pretraining, as copying appears only after ~500 steps
-    pretrain_teacher=dict(max_steps=600, lr=3e-3, min_lr_ratio=1.0, warmup_steps=10, batch_size=16),
-    pretrain_student=dict(max_steps=250, lr=3e-3, min_lr_ratio=1.0, warmup_steps=10, batch_size=16),
+    # in pretraining, where copying appears abruptly, at a step that varies with the seed (600 steps: on
+    # some seeds not yet)
+    pretrain_teacher=dict(max_steps=3000, lr=3e-3, min_lr_ratio=1.0, warmup_steps=10, batch_size=16),
+    pretrain_student=dict(max_steps=3000, lr=3e-3, min_lr_ratio=1.0, warmup_steps=10, batch_size=16),
     finetune=dict(max_steps=700, lr=3e-3, warmup_steps=10, batch_size=16),
-    distill=dict(max_steps=150, lr=3e-3, warmup_steps=10, batch_size=16),
+    distill=dict(max_steps=400, lr=3e-3, warmup_steps=10, batch_size=16),
     # the full comparison (--full_comparison=true): seeds, Delta-KD's alphas, and its stored top-k run
     full=dict(seeds=3, alphas=(0.0, 0.5, 1.0), topk=16),
 )
@@ -1357,54 +1371,29 @@ def trivial_baselines(train_rows, eval_rows):
 
 
 def demo(cfg):
-    """Tokenizer -> pretrain a raw teacher and a raw student on general English and general chat in the
-    ChatML format (the bundled Ultrachat conversations) -> finetune the teacher on the task (GSM8K
-    problem -> its question sentence) -> distill students from the raw student (SFT, FKL, RKL, SeqKD,
-    Delta-KD) -> a table on held-out problems: ROUGE greedy and sampled, teacher-forced NLL, KL to the
-    finetuned teacher, top-1 agreement, and the answers' sanity. Every stage is a call of train() with its
-    own Config: the same loop and loss as a real run. --full_comparison=true: every stage over several
-    seeds (initialisation and data order), Delta-KD at several alphas and with stored top-k targets."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    """The raw models (bundled: demo_raw_models) -> finetune the teacher on the task (GSM8K problem -> its
+    question sentence) -> distill students from the raw student (SFT, FKL, RKL, SeqKD, Delta-KD) -> a table
+    on held-out problems: ROUGE greedy and sampled, teacher-forced NLL, KL to the finetuned teacher, top-1
+    agreement, and the answers' sanity. Every stage is a call of train() with its own Config: the same loop
+    and loss as a real run. --full_comparison=true: every stage over several seeds (the raw models'
+    initialisation and every data order), Delta-KD at several alphas and with stored top-k targets."""
     t_start, root = time.time(), cfg.out_dir
     os.makedirs(root, exist_ok=True)
     print(f"demo: no --student given, so running the embedded demo into {root}/ (see README)")
+    full = DEMO["full"] if cfg.full_comparison else dict(seeds=1, alphas=(cfg.alpha,), topk=0)
+    seeds = range(cfg.seed, cfg.seed + full["seeds"])
+    tok_path, raw = demo_raw_models(cfg, seeds)
+    tok = Tokenizer.from_file(tok_path)
     task = [demo_task(r) for r in data.read_rows(DEMO["task_data"])]
     train_rows, eval_rows = data.split_rows(task, DEMO["eval_size"], cfg.seed)
-    chats = data.read_rows(DEMO["chat_data"])
-    english = [m["content"] for r in chats for m in data.to_messages(r)]
-
-    # a small byte-level BPE with the ChatML special tokens; held-out problems are never seen
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    corpus = english + [m["content"] for r in train_rows for m in r["messages"]]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=DEMO["vocab_size"], special_tokens=special,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    tok_path = os.path.join(root, "tokenizer.json")
-    tok.save(tok_path)
     # evaluation skips prompts longer than max_len: drop them here, so the baselines score the same problems
     eval_rows = [r for r in eval_rows if len(data.eval_pairs([r], tok, cfg.system_prompt, DEMO["max_len"])[0])]
+    task_train, task_eval = demo_write(root, "task_train.jsonl", train_rows), demo_write(root, "task_eval.jsonl", eval_rows)
 
-    def write(name, rs):
-        with open(os.path.join(root, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rs)
-        return os.path.join(root, name)
-    # pretraining: the Ultrachat text and the same conversations in the chat format (no task data in
-    # either). A real base model can copy from its context (induction heads), a skill web-scale text
-    # teaches and a few hundred steps of plain text do not; so each text passage is written twice, the
-    # quick route to it (Olsson et al., 2022): measured, copying then appears after ~500 steps
-    text, n = "\n\n".join(english), DEMO["repeat_chars"]
-    docs = [{"text": text[i:i + n] + "\n\n" + text[i:i + n]} for i in range(0, len(text), n)]
-    pretrain = write("pretrain.jsonl", docs + chats)
-    task_train, task_eval = write("task_train.jsonl", train_rows), write("task_eval.jsonl", eval_rows)
-
-    full = DEMO["full"] if cfg.full_comparison else dict(seeds=1, alphas=(cfg.alpha,), topk=0)
     results = {}  # name -> {seed: scores}
-    for seed in range(cfg.seed, cfg.seed + full["seeds"]):
-        demo_seed(cfg, seed, os.path.join(root, f"seed{seed}") if full["seeds"] > 1 else root, tok, tok_path,
-                  pretrain, task_train, task_eval, full, results)
+    for seed in seeds:
+        demo_seed(cfg, seed, os.path.join(root, f"seed{seed}") if full["seeds"] > 1 else root, tok_path, *raw[seed],
+                  task_train, task_eval, full, results)
     refs = [r["messages"][1]["content"] for r in eval_rows]
     for name, preds in trivial_baselines(train_rows, eval_rows).items():
         results[f"baseline: {name}"] = {"-": {**rouge_f1(refs, preds), **answer_sanity(preds)}}
@@ -1423,39 +1412,97 @@ def demo(cfg):
     return results
 
 
-def demo_seed(cfg, seed, root, tok, tok_path, pretrain, task_train, task_eval, full, results):
-    # every stage of the demo for one seed, its scores added to results[name][seed]
-    def init(name, arch, s):
-        c = qwen.QwenConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=DEMO["max_len"],
-                            tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, torch_dtype="float32", **arch)
-        path = os.path.join(root, name)
-        qwen.init_weights(qwen.Qwen(c), seed=s).save_pretrained(path)
-        shutil.copy(tok_path, path)
-        return path
+def demo_write(root, name, rows):
+    with open(os.path.join(root, name), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return os.path.join(root, name)
 
+
+def demo_run(cfg, out_dir, seed, tok_path, **kw):
+    """One stage of the demo: train() at the demo's settings into a fresh out_dir; returns its scores."""
+    c = Config(**{**dataclasses.asdict(cfg), "out_dir": out_dir, "quiet": True, "eval_size": 0,
+                  "max_len": DEMO["max_len"], "eval_max_new_tokens": DEMO["eval_max_new_tokens"],
+                  "eval_temperature": DEMO["eval_temperature"], "eval_seeds": DEMO["eval_seeds"],
+                  "eval_batch_size": DEMO["eval_size"], "seqkd_max_new_tokens": DEMO["eval_max_new_tokens"],
+                  "teacher_dtype": "float32", "keep_last": 1, "resume": False, "tokenizer": tok_path, "seed": seed,
+                  "method": "sft", **kw})
+    shutil.rmtree(c.out_dir, ignore_errors=True)
+    scores = train(c)
+    if not c.eval_only and not any(d.endswith(f"ckpt-{c.max_steps:07d}") for d in checkpoints(out_dir)):
+        # a SIGTERM / SIGUSR1 checkpointed the stage before its last step: the demo stops with it
+        raise SystemExit(f"demo: stage {out_dir} stopped by a signal; `python deltakd.py` starts the demo again")
+    return scores
+
+
+def demo_raw_models(cfg, seeds):
+    """The demo's raw models, standing in for Qwen2.5's base checkpoints: per seed a raw teacher and a raw
+    student pretrained on general English and general chat in the ChatML format (the bundled Ultrachat
+    conversations, disjoint from the task), and the byte-level BPE they share, trained on the same text.
+    assets/demo holds them for seeds 1337-1339, made by this function (bfloat16, as Qwen2.5 ships its
+    weights); whatever --demo_raw_models lacks is pretrained into it first (7-8 minutes a seed on 2 cores).
+    Returns the tokenizer's path and {seed: (raw teacher, raw student)}."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    root = cfg.demo_raw_models or DEMO["raw_models"]
+    tok_path = os.path.join(root, "tokenizer.json")
+    raw = {s: tuple(os.path.join(root, f"seed{s}", r) for r in ("raw-teacher", "raw-student")) for s in seeds}
+    missing = [s for s in seeds if not all(os.path.isfile(os.path.join(p, "config.json")) for p in raw[s])]
+    if not missing:
+        return tok_path, raw
+    print(f"demo: pretraining the raw models of seed(s) {', '.join(map(str, missing))} into {root}/")
+    os.makedirs(root, exist_ok=True)
+    chats = data.read_rows(DEMO["chat_data"])
+    english = [m["content"] for r in chats for m in data.to_messages(r)]
+    if not os.path.isfile(tok_path):  # a small byte-level BPE with the ChatML special tokens
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(english, trainers.BpeTrainer(
+            vocab_size=DEMO["vocab_size"], special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        tok.save(tok_path)
+    vocab = Tokenizer.from_file(tok_path).get_vocab_size()
+    # the Ultrachat text and the same conversations in the chat format. A real base model can copy from its
+    # context (induction heads), a skill web-scale text teaches and a few thousand steps of plain text do
+    # not; so each text passage is written twice, the quick route to it (Olsson et al., 2022)
+    text, lens, docs, i = "\n\n".join(english), DEMO["repeat_chars"], [], 0
+    while i < len(text):
+        n = lens[len(docs) % len(lens)]
+        docs.append({"text": text[i:i + n] + "\n\n" + text[i:i + n]})
+        i += n
+    work = os.path.join(cfg.out_dir, "pretraining")
+    os.makedirs(work, exist_ok=True)
+    pretrain = demo_write(work, "pretrain.jsonl", docs + chats)
+    for seed in missing:
+        for (role, arch, steps, init_seed), dst in zip((("teacher", DEMO["teacher"], DEMO["pretrain_teacher"], seed),
+                                                         ("student", DEMO["student"], DEMO["pretrain_student"], seed + 1)),
+                                                        raw[seed]):
+            t0, out = time.time(), os.path.join(work, f"seed{seed}-raw-{role}")
+            c = qwen.QwenConfig(vocab_size=vocab, max_position_embeddings=DEMO["max_len"], tie_word_embeddings=True,
+                                bos_token_id=0, eos_token_id=2, torch_dtype="float32", **arch)
+            qwen.init_weights(qwen.Qwen(c), seed=init_seed).save_pretrained(out + "-init")
+            demo_run(cfg, out, seed, tok_path, student=out + "-init", train_data=pretrain, **steps)
+            with qwen.atomic_dir(dst) as tmp:  # stored like a downloaded base model: bfloat16, with its tokenizer
+                qwen.Qwen.from_pretrained(checkpoints(out)[-1], dtype=torch.bfloat16).save_pretrained(tmp)
+                shutil.copy(tok_path, tmp)
+            print(f"  seed {seed} raw-{role:<17} {time.time() - t0:5.1f}s  pretrained, {dst}")
+    return tok_path, raw
+
+
+def demo_seed(cfg, seed, root, tok_path, raw_t, raw_s, task_train, task_eval, full, results):
+    # every stage of the demo for one seed, its scores added to results[name][seed]
     def run(name, **kw):
         t0 = time.time()
-        c = Config(**{**dataclasses.asdict(cfg), "out_dir": os.path.join(root, name), "quiet": True, "eval_size": 0,
-                      "max_len": DEMO["max_len"], "eval_max_new_tokens": DEMO["eval_max_new_tokens"],
-                      "eval_temperature": DEMO["eval_temperature"], "eval_seeds": DEMO["eval_seeds"],
-                      "eval_batch_size": DEMO["eval_size"], "seqkd_max_new_tokens": DEMO["eval_max_new_tokens"],
-                      "teacher_dtype": "float32", "keep_last": 1, "resume": False, "tokenizer": tok_path,
-                      "seed": seed, "eval_data": task_eval, **kw})
-        shutil.rmtree(c.out_dir, ignore_errors=True)
-        scores = train(c)
-        if not scores:  # a SIGTERM / SIGUSR1 checkpointed the stage: the demo stops with it
-            raise SystemExit(f"demo: stage {name} stopped by a signal; `python deltakd.py` starts the demo again")
+        out = os.path.join(root, name)
+        scores = demo_run(cfg, out, seed, tok_path, eval_data=task_eval, **kw)
         results.setdefault(name, {})[seed] = scores
         print(f"  seed {seed} {name:<22} {time.time() - t0:5.1f}s  " +
               " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "distinct")))
-        return checkpoints(c.out_dir)[-1]
+        return checkpoints(out)[-1] if checkpoints(out) else None
 
     # the raw models are evaluated on the task too: what finetuning and distillation start from
-    raw_t = run("raw-teacher", student=init("init-teacher", DEMO["teacher"], seed), method="sft",
-                train_data=pretrain, **DEMO["pretrain_teacher"])
-    raw_s = run("raw-student", student=init("init-student", DEMO["student"], seed + 1), method="sft",
-                train_data=pretrain, **DEMO["pretrain_student"])
-    ft_t = run("teacher-ft", student=raw_t, method="sft", train_data=task_train, **DEMO["finetune"])
+    run("raw-teacher", student=raw_t, eval_only=True)
+    run("raw-student", student=raw_s, eval_only=True)
+    ft_t = run("teacher-ft", student=raw_t, train_data=task_train, **DEMO["finetune"])
     students = [(m, {"method": m}) for m in ("sft", "fkl", "rkl", "seqkd")]
     students += [(f"delta-a{a:g}", {"method": "delta", "alpha": a}) for a in full["alphas"]]
     if full["topk"]:

@@ -998,6 +998,23 @@ def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
     assert len(preds) == 8 and all(set(p) == {"prediction", "reference"} for p in preds)
 
 
+def test_eval_only_scores_a_checkpoint_as_its_training_run_did_and_needs_no_training_data(run_dir, tmp_path):
+    (tmp_path / "eval.jsonl").write_text("".join(open(run_dir / "train.jsonl").readlines()[:6]))
+    common = dict(eval_data=tmp_path / "eval.jsonl", eval_temperature=1, eval_seeds=2)
+    trained = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "run", max_steps=2, method="fkl", **common)))
+    ckpt = deltakd.checkpoints(str(tmp_path / "run"))[-1]
+    # the default method is Delta-KD, yet no raw model (here a path that does not exist) and no training data
+    # is needed: only the model scored and the finetuned teacher of the teacher-forced KL
+    scored = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "eval", student=ckpt, eval_only=True,
+                                                   train_data="", teacher_raw=tmp_path / "missing", **common)))
+    assert scored == trained and "kl_teacher" in scored
+    for f in ("eval-final.jsonl", "eval-final-sampled.jsonl"):
+        assert (tmp_path / "run" / f).read_text() == (tmp_path / "eval" / f).read_text()
+    assert not deltakd.checkpoints(str(tmp_path / "eval"))
+    with pytest.raises(SystemExit, match="--eval_only needs --eval_data"):
+        deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "eval", student=ckpt, eval_only=True)))
+
+
 def test_teacher_forced_scores_equal_a_per_example_float64_reference(run_dir, tokenizer):
     # batched, right-padded and chunked in the code; here one example at a time, full logits, float64
     cfg = deltakd.parse_args(args(run_dir, "unused", eval_batch_size=3, chunk_size=7, max_len=1024))  # no truncation
@@ -1358,18 +1375,26 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def shrink_demo(monkeypatch, **over):
-    # the real demo with every stage shrunk to a few steps; its full-size run is measured in the README
-    # (the teacher gets enough finetuning to answer with text, so SeqKD has something to learn from)
+def shrink_demo(monkeypatch, raw_models, **over):
+    # the real demo with every stage shrunk to a few steps, its raw models pretrained into raw_models (not
+    # the bundled ones); its full-size run is measured in the README (the teacher gets enough finetuning
+    # to answer with text, so SeqKD has something to learn from)
     pretrain = dict(max_steps=2, lr=1e-3, batch_size=4)
     monkeypatch.setattr(deltakd, "DEMO", dict(deltakd.DEMO, vocab_size=2000, eval_max_new_tokens=6,
-                                              pretrain_teacher=pretrain, pretrain_student=pretrain,
-                                              finetune=dict(max_steps=40, lr=1e-2, batch_size=8), **over))
+                                              raw_models=str(raw_models), pretrain_teacher=pretrain,
+                                              pretrain_student=pretrain,
+                                              finetune=dict(max_steps=60, lr=3e-3, batch_size=8), **over))
 
 
 def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identically(tmp_path, monkeypatch):
-    shrink_demo(monkeypatch, eval_size=6, eval_seeds=2, distill=dict(max_steps=2, lr=1e-3, batch_size=4))
+    shrink_demo(monkeypatch, tmp_path / "raw", eval_size=6, eval_seeds=2, distill=dict(max_steps=2, lr=1e-3, batch_size=4))
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true"]))
+    raw = sorted(p.relative_to(tmp_path / "raw") for p in (tmp_path / "raw").rglob("*") if p.is_file())
+    assert [str(p) for p in raw] == ["seed1337/raw-student/config.json", "seed1337/raw-student/model.safetensors",
+                                     "seed1337/raw-student/tokenizer.json", "seed1337/raw-teacher/config.json",
+                                     "seed1337/raw-teacher/model.safetensors", "seed1337/raw-teacher/tokenizer.json",
+                                     "tokenizer.json"]
+    assert all(t.dtype == torch.bfloat16 for t in weights(tmp_path / "raw/seed1337/raw-teacher").values())
     stages = {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd",
               "student-delta-a1"}
     assert set(results) == stages | {"baseline: most frequent answer", "baseline: nearest training answer", "references"}
@@ -1385,8 +1410,12 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
     assert "| Reference answers (sanity only) | – | – | – | – | – | – | – | 100% |" in table
     seqkd = data.read_rows(str(tmp_path / "student-seqkd" / "seqkd_data.jsonl"))
     assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)
-    again = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'again'}", "--quiet=true"]))
-    assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))  # seeds fixed: the same table
+    # seeds fixed: the same raw models, bit for bit, pretrained again into another folder; the same table
+    again = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'again'}", "--quiet=true",
+                                             f"--demo_raw_models={tmp_path / 'raw-again'}"]))
+    for p in raw:
+        assert (tmp_path / "raw" / p).read_bytes() == (tmp_path / "raw-again" / p).read_bytes(), p
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
     for stage in stages:  # ... and the same generated answers
         for f in ("eval-final.jsonl", "eval-final-sampled.jsonl"):
             a, b = (open(d / stage / f).read() for d in (tmp_path, tmp_path / "again"))
@@ -1394,7 +1423,7 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
 
 
 def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, monkeypatch):
-    shrink_demo(monkeypatch, eval_size=4, eval_seeds=1, distill=dict(max_steps=1, lr=1e-3, batch_size=4),
+    shrink_demo(monkeypatch, tmp_path / "raw", eval_size=4, eval_seeds=1, distill=dict(max_steps=1, lr=1e-3, batch_size=4),
                 full=dict(seeds=2, alphas=(0.0, 1.0), topk=4))
     results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true"]))
     runs = {k for k in results if not k.startswith("baseline") and k != "references"}
@@ -1405,6 +1434,27 @@ def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, 
     assert os.path.isfile(tmp_path / "seed1338" / "targets" / "key.json")  # the stored top-k run's target pass
     table = open(tmp_path / "results.md").read()
     assert "| Delta-KD (α=1, stored top-4) |" in table and " ± " in table
+
+
+def test_the_bundled_raw_models_are_used_as_they_are(tmp_path):
+    # assets/demo: a raw teacher and a raw student per seed of the full comparison, as demo_raw_models
+    # wrote them (assets/SHA256SUMS), sharing the bundled tokenizer; the demo reads them, pretrains nothing
+    sums = dict(line.split()[::-1] for line in open(os.path.join(HERE, "assets", "SHA256SUMS")))
+    for name, digest in sums.items():
+        assert __import__("hashlib").sha256(open(os.path.join(HERE, "assets", name), "rb").read()).hexdigest() == digest
+    assert sum(name.startswith("./demo/") for name in sums) == 1 + 6 * deltakd.DEMO["full"]["seeds"]
+    seeds = range(1337, 1337 + deltakd.DEMO["full"]["seeds"])
+    tok_path, raw = deltakd.demo_raw_models(deltakd.parse_args([f"--out_dir={tmp_path}"]), seeds)
+    assert os.listdir(tmp_path) == []
+    tok = Tokenizer.from_file(tok_path)
+    assert tok.get_vocab_size() == deltakd.DEMO["vocab_size"]
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+    for seed in seeds:
+        for path, arch in zip(raw[seed], (deltakd.DEMO["teacher"], deltakd.DEMO["student"])):
+            c = qwen.QwenConfig.from_json(os.path.join(path, "config.json"))
+            assert c.vocab_size == tok.get_vocab_size() and all(getattr(c, k) == v for k, v in arch.items())
+            assert open(os.path.join(path, "tokenizer.json")).read() == open(tok_path).read()
+            assert all(t.dtype == torch.bfloat16 for t in weights(path).values())
 
 
 def test_demo_table_shows_mean_and_std_over_seeds():
