@@ -1548,6 +1548,8 @@ def demo_table(results):
 
 def main(argv):
     cfg = parse_args(argv)
+    if cfg.eval_only and not cfg.student:
+        raise SystemExit("--eval_only scores a given model: pass --student=DIR and --eval_data=FILE")
     if not cfg.student and not cfg.dry_run and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("the demo (no --student) runs in one process; under torchrun every rank would rebuild "
                          "the same directories. Run `python deltakd.py`, or pass --student=... to train")

@@ -1457,6 +1457,17 @@ def test_the_bundled_raw_models_are_used_as_they_are(tmp_path):
             assert all(t.dtype == torch.bfloat16 for t in weights(path).values())
 
 
+def test_the_demo_refuses_torchrun_and_eval_only_refuses_no_model(tmp_path, monkeypatch):
+    # under torchrun every rank would rebuild the same directories; --eval_only has nothing to score
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"the demo \(no --student\) runs in one process"):
+        deltakd.main([f"--out_dir={tmp_path / 'out'}"])
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit, match="--eval_only scores a given model: pass --student"):
+        deltakd.main(["--eval_only=true", f"--out_dir={tmp_path / 'out'}"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_demo_table_shows_mean_and_std_over_seeds():
     results = {"student-delta-a0.5": {1: {"rougeL": 0.25, "nll": 2.0, "distinct": 0.5},
                                       2: {"rougeL": 0.35, "nll": 2.5, "distinct": 0.5}},
