@@ -489,6 +489,8 @@ def bench_topk(demo_dir="out"):
     tok_path, raw = deltakd.demo_raw_models(deltakd.Config(out_dir=demo_dir), [1337])
     paths = {"teacher_ft": deltakd.checkpoints(os.path.join(demo_dir, "teacher-ft"))[-1],
              "teacher_raw": raw[1337][0], "student_raw": raw[1337][1]}
+    if open(os.path.join(paths["teacher_ft"], "tokenizer.json")).read() != open(tok_path).read():
+        return f"topk: skipped, {demo_dir}/ comes from an older demo (another tokenizer); run `python deltakd.py` again"
     frozen = {r: qwen.Qwen.from_pretrained(p).eval() for r, p in paths.items()}
     student = frozen["student_raw"]
     tok = Tokenizer.from_file(tok_path)
@@ -500,12 +502,13 @@ def bench_topk(demo_dir="out"):
     with torch.no_grad():
         target = deltakd.chunk_target(live, 0, 10**9, spec)
         z = student(ids)[:, :-1][mask][:, :spec.vocab].float()
-    exact = deltakd.chunk_loss(z, y, target, spec)
+    # chunk_loss overwrites its z and target buffers (workspace): every call gets copies
+    exact = deltakd.chunk_loss(z.clone(), y, target.clone(), spec)
     lines = []
     for k in (8, 64, 256):
         st = deltakd.topk_target(target, k)
         st = deltakd.StoredTarget(st.ids, st.logp.half().float(), st.log_rest)
-        got = deltakd.chunk_loss(z, y, st, spec)
+        got = deltakd.chunk_loss(z.clone(), y, st, spec)
         rest = st.log_rest.exp()
         cos = F_cos(got[3], exact[3])
         lines.append(f"topk K={k}: mass outside top-K mean {rest.mean():.4f}, worst {rest.max():.4f}; KD loss "
