@@ -917,7 +917,7 @@ def save_checkpoint(cfg, step, model, optimizer, tokenizer_path, rank):
         optimizer.consolidate_state_dict(to=0)  # every rank must join; rank 0 receives the full state
     if rank != 0:
         return
-    with qwen.atomic_dir(os.path.join(cfg.out_dir, f"ckpt-{step:07d}")) as tmp:
+    with qwen.atomic_dir(checkpoint_dir(cfg.out_dir, step)) as tmp:
         model.write_pretrained(tmp)
         write_tokenizer_files(tmp, tokenizer_path, cfg.system_prompt)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
@@ -967,6 +967,10 @@ def load_checkpoint(cfg, model, optimizer, device):
     if not cfg.quiet and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"resumed from {last} at step {state['step']}")
     return state["step"]
+
+
+def checkpoint_dir(out_dir, step):
+    return os.path.join(out_dir, f"ckpt-{step:07d}")
 
 
 def checkpoints(out_dir):
@@ -1428,7 +1432,7 @@ def demo_run(cfg, out_dir, seed, tok_path, **kw):
                   "method": "sft", **kw})
     shutil.rmtree(c.out_dir, ignore_errors=True)
     scores = train(c)
-    if not c.eval_only and not any(d.endswith(f"ckpt-{c.max_steps:07d}") for d in checkpoints(out_dir)):
+    if not c.eval_only and checkpoint_dir(out_dir, c.max_steps) not in checkpoints(out_dir):
         # a SIGTERM / SIGUSR1 checkpointed the stage before its last step: the demo stops with it
         raise SystemExit(f"demo: stage {out_dir} stopped by a signal; `python deltakd.py` starts the demo again")
     return scores
@@ -1497,7 +1501,7 @@ def demo_seed(cfg, seed, root, tok_path, raw_t, raw_s, task_train, task_eval, fu
         results.setdefault(name, {})[seed] = scores
         print(f"  seed {seed} {name:<22} {time.time() - t0:5.1f}s  " +
               " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "distinct")))
-        return checkpoints(out)[-1] if checkpoints(out) else None
+        return (checkpoints(out) or [None])[-1]  # the raw models' evaluations write none
 
     # the raw models are evaluated on the task too: what finetuning and distillation start from
     run("raw-teacher", student=raw_t, eval_only=True)
