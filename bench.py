@@ -440,7 +440,7 @@ def floor_ratio(lines, n_rows=20_000):
         floor = time.perf_counter() - t0
         key = dict(data.cache_key(path, tok_path, 1024, data.SYSTEM_PROMPT_BASE, 0, False), rep=rep)
         t0 = time.perf_counter()
-        stats = data.build_cache(path, tok, data.cache_dir_for(root, key), key, 1024, data.SYSTEM_PROMPT_BASE, log=None)
+        stats = data.build_cache(path, tok, data.cache_dir_for(root, key), key, log=None)
         shares.append((floor / (time.perf_counter() - t0) * stats["tokens"] / n, n / floor))
     shutil.rmtree(root, ignore_errors=True)
     share, rate = sorted(shares)[1]

@@ -5,6 +5,11 @@ Chat data -> supervised token batches for Qwen-2.5, with the exact ChatML chat t
     examples, stats = encode_rows(rows, tokenizer, max_len=1024)           # (input_ids, labels) pairs
     for idx in make_batches([len(e[0]) for e in examples], 8, seed=0, epoch=0)[rank::world_size]:
         batch = collate([examples[i] for i in idx], pad_id)
+    evals = eval_examples(eval_rows, tokenizer, max_len=1024)              # prompt, reference, forced pair
+
+In file order: reading rows (streamed) -> row formats -> the chat template (and the tokenizer files a
+checkpoint carries) -> tokenization -> the token cache (big files, tokenized once) -> the target store
+(a distillation target computed once) -> batching -> evaluation examples.
 
 Row formats, recognised by their fields: `messages` (Ultrachat-200k; list of {role, content}),
 `problem` + `generated_solution` (OpenMathReasoning), `prompt` + `response`, `instruction` [+ `input`]
@@ -22,7 +27,9 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +40,9 @@ IGNORE_INDEX = -100
 SYSTEM_PROMPT_BASE = "You are a helpful assistant."
 SYSTEM_PROMPT_INSTRUCT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
+# the official Qwen2.5 tokenizer_config.json, whose chat template checkpoints carry (write_tokenizer_files)
+QWEN_TOKENIZER_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                     "assets/qwen2.5/Qwen2.5-1.5B-Instruct/tokenizer_config.json")
 
 
 class DataError(ValueError):
@@ -147,6 +157,9 @@ def check_row(row, path, n):
         raise DataError(f"{path}: row {n} is a {type(row).__name__}, not an object")
     return row
 
+# -----------------------------------------------------------------------------
+# row formats: every supported row -> one checked conversation
+
 
 def to_messages(row):
     """A row of any supported format -> [{role, content}, ...]; raises DataError saying what is wrong."""
@@ -223,54 +236,99 @@ def row_segments(row, system_prompt=SYSTEM_PROMPT_BASE):
     return chat_segments(to_messages(row), system_prompt)
 
 
-def encode_block(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip_bad_rows=False, source="data",
-                 numbers=None, stats=None):
-    """Rows -> one (input_ids, spans, row_number) per kept example, spans the [start, end) runs of
-    supervised positions. Each supervised piece is tokenized on its own, as at inference, where the
-    prompt ends with `<|im_start|>assistant\\n` and the model continues from there; runs of
-    unsupervised text are tokenized together (one encode_batch call for the whole block). Examples
-    truncated to max_len with no supervised target left are dropped and counted in stats."""
+def write_tokenizer_files(directory, tokenizer_path, system_prompt):
+    """tokenizer.json, tokenizer_config.json and generation_config.json beside the weights, so that
+    transformers' AutoTokenizer renders exactly render_chat (the official Qwen2.5 chat template
+    with this run's system prompt as its default) and a serving stack stops where evaluation stops."""
+    shutil.copy(tokenizer_path, os.path.join(directory, "tokenizer.json"))
+    with open(QWEN_TOKENIZER_CONFIG) as f:
+        tc = json.load(f)
+    literal = system_prompt.replace("\\", "\\\\").replace("'", "\\'")  # inside a jinja '...' string
+    tc["chat_template"] = tc["chat_template"].replace(SYSTEM_PROMPT_INSTRUCT, literal)
+    with open(tokenizer_path) as f:
+        added = json.load(f).get("added_tokens", [])
+    tc["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                   "single_word", "special")} for t in added}
+    names = {t["content"] for t in added}
+    tc["additional_special_tokens"] = [t for t in tc["additional_special_tokens"] if t in names]
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2)
+    ids = {t["content"]: t["id"] for t in added}
+    gen = {"bos_token_id": ids.get("<|endoftext|>"), "pad_token_id": ids.get("<|endoftext|>"), "do_sample": False,
+           "eos_token_id": [ids.get("<|im_end|>"), ids.get("<|endoftext|>")]}
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+
+# -----------------------------------------------------------------------------
+# tokenization: conversations -> token ids and the spans of supervised positions
+
+
+def encode_rows(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip_bad_rows=False, source="data"):
+    """Rows held in memory -> list of (input_ids, labels) lists and a stats dict (small data; big files
+    go through the TokenCache below, which uses the same encode_block)."""
+    examples, stats = encode_block(list(enumerate(rows)), tokenizer, max_len, system_prompt, skip_bad_rows, source)
+    return [(ids, labels_from_spans(ids, spans).tolist()) for ids, spans, _ in examples], stats
+
+
+def encode_block(numbered_rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip_bad_rows=False,
+                 source="data"):
+    """(row_number, row) pairs -> (examples, stats): one (input_ids, spans, row_number) per kept example,
+    spans the [start, end) runs of supervised positions. Each supervised piece is tokenized on its own,
+    as at inference, where the prompt ends with `<|im_start|>assistant\\n` and the model continues from
+    there; runs of unsupervised text are tokenized together (one encode_batch call for the whole
+    block). Examples truncated to max_len with no supervised target left are dropped and counted."""
     specials = {t: tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
     for t, i in specials.items():
         if i is None:
             raise DataError(f"the tokenizer has no {t} token: not a Qwen-2.5 (ChatML) tokenizer")
-    stats = stats if stats is not None else new_stats()
-    numbers = numbers if numbers is not None else range(len(rows))
+    stats = new_stats()
+    stats["rows"] = len(numbered_rows)
     convs = []
-    for n, row in zip(numbers, rows):
+    for n, row in numbered_rows:
         try:
             convs.append((n, merge_segments(row_segments(row, system_prompt))))
         except DataError as e:
             if not skip_bad_rows:
                 raise DataError(f"{source}: row {n}: {e} (pass skip_bad_rows to skip such rows)") from None
             stats["bad_rows_skipped"] += 1
-    stats["rows"] += len(rows)
     pieces = [t for _, segs in convs for t, _ in segs if t not in specials]
     encoded = iter(tokenizer.encode_batch(pieces, add_special_tokens=False))
-    out = []
+    examples = []
     for n, segs in convs:
-        ids, spans = [], []
-        for text, supervised in segs:
-            piece = [specials[text]] if text in specials else next(encoded).ids
-            if supervised and spans and spans[-1][1] == len(ids):
-                spans[-1][1] += len(piece)  # content and its <|im_end|> form one run
-            elif supervised:
-                spans.append([len(ids), len(ids) + len(piece)])
-            ids += piece
+        ids, spans = join_pieces(segs, specials, encoded)
         if len(ids) > max_len:
-            ids = ids[:max_len]
-            spans = [[s, min(e, max_len)] for s, e in spans if s < max_len]
+            ids, spans = ids[:max_len], [[s, min(e, max_len)] for s, e in spans if s < max_len]
             stats["truncated"] += 1
-        # position 0 has no previous token to predict it from, so it never counts as a target
-        n_sup = sum(e - max(s, 1) for s, e in spans if e > 1)
+        n_sup = int(supervised_per_span(spans).sum())
         if n_sup == 0:
             stats["dropped_no_target"] += 1
             continue
         stats["examples"] += 1
         stats["supervised_tokens"] += n_sup
         stats["tokens"] += len(ids)
-        out.append((ids, spans, n))
-    return out
+        examples.append((ids, spans, n))
+    return examples, stats
+
+
+def join_pieces(segs, specials, encoded):
+    # one conversation's (text, supervised) pieces -> (input_ids, spans); each piece's ids are the next
+    # of `encoded`, except the special tokens, which are never split or merged
+    ids, spans = [], []
+    for text, supervised in segs:
+        piece = [specials[text]] if text in specials else next(encoded).ids
+        if supervised and spans and spans[-1][1] == len(ids):
+            spans[-1][1] += len(piece)  # content and its <|im_end|> form one run
+        elif supervised:
+            spans.append([len(ids), len(ids) + len(piece)])
+        ids += piece
+    return ids, spans
+
+
+def supervised_per_span(spans):
+    """The positions of each [start, end) span that the loss sees ((S, 2) array or list of pairs -> (S,)):
+    all but position 0, which no token precedes to predict it from."""
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    return np.maximum(spans[:, 1] - np.maximum(spans[:, 0], 1), 0)
 
 
 def new_stats():
@@ -285,14 +343,6 @@ def labels_from_spans(ids, spans):
     for s, e in spans:
         labels[s:e] = ids[s:e]
     return labels
-
-
-def encode_rows(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip_bad_rows=False, source="data"):
-    """Rows held in memory -> list of (input_ids, labels) lists and a stats dict (small data; big files
-    go through the TokenCache below, which uses the same encode_block)."""
-    stats = new_stats()
-    out = encode_block(rows, tokenizer, max_len, system_prompt, skip_bad_rows, source, stats=stats)
-    return [(ids, labels_from_spans(ids, spans).tolist()) for ids, spans, _ in out], stats
 
 
 def merge_segments(segs):
@@ -348,6 +398,28 @@ def cache_dir_for(root, key):
     return os.path.join(root, f"tokens-{stem}-{digest}")
 
 
+# written by rank 0, read by every rank: the other ranks wait on the file system, and a directory whose key
+# differs from the run's is refused or rebuilt, naming what differs
+
+
+def differing(a, b, prefix=""):
+    # the dotted names of the keys whose values differ between two nested dicts ("tokens.max_len")
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(everything)"]
+    return [d for k in sorted(set(a) | set(b)) for d in differing(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)]
+
+
+def wait_until(ready, what, rank, every=300):
+    """Polls the file system until ready() is true. Not a collective: a wait on a build that takes
+    hours outlives NCCL's 10-minute timeout. If the builder dies, torchrun stops this rank too."""
+    t0 = next_note = time.time()
+    while not ready():
+        if rank == 1 and time.time() >= next_note:  # one rank speaks for the waiting ones
+            print(f"rank 1: waiting for {what} ({time.time() - t0:.0f}s so far)", flush=True)
+            next_note += every
+        time.sleep(1)
+
+
 class TokenCache:
     """A built cache, memory-mapped: nothing is read until an example is asked for."""
 
@@ -371,10 +443,10 @@ class TokenCache:
         return ids, labels_from_spans(ids, self.spans[self.span_offsets[i]:self.span_offsets[i + 1]])
 
     def n_targets(self):
-        """(N,) supervised positions per example that the loss sees (position 0 never counts)."""
-        s = self.spans.astype(np.int64)
-        per_span = s[:, 1] - np.maximum(s[:, 0], 1)
-        return np.add.reduceat(np.maximum(per_span, 0), self.span_offsets[:-1]) if len(s) else np.zeros(0, np.int64)
+        """(N,) supervised positions per example that the loss sees (supervised_per_span, summed)."""
+        if not len(self.spans):
+            return np.zeros(0, np.int64)
+        return np.add.reduceat(supervised_per_span(self.spans), self.span_offsets[:-1])
 
 
 def check_cache(path, key):
@@ -400,70 +472,166 @@ def check_cache(path, key):
     return None
 
 
-def build_cache(data_path, tokenizer, path, key, max_len, system_prompt, max_rows=0, skip_bad_rows=False,
-                log=print, block_rows=2048):
-    """Streams the data file, tokenizes blocks of rows (the tokenizer's encode_batch runs on all cores
-    in a worker thread while this thread parses the next block), appends to flat files in a
-    temporary directory and renames it to `path` when complete. Returns the stats."""
-    files, counts = {}, dict.fromkeys(CACHE_ARRAYS, 0)
-    stats, n_tok, n_spans = new_stats(), 0, 0
-    total_bytes = os.path.getsize(data_path)
-    total_rows = max_rows or (parquet_file(data_path).metadata.num_rows if data_path.endswith(".parquet") else 0)
-    t0 = last = time.time()
-
-    def write(name, array, count=-1):
-        a = np.fromiter(array, dtype=CACHE_ARRAYS[name], count=count) if count >= 0 else \
-            np.asarray(array, dtype=CACHE_ARRAYS[name])
-        a.tofile(files[name])
-        counts[name] += a.size
-
-    def encode(rows, numbers):
-        return encode_block(rows, tokenizer, max_len, system_prompt, skip_bad_rows, data_path, numbers, stats)
-
-    def flush(out):
-        nonlocal n_tok, n_spans
-        lens = [len(ids) for ids, _, _ in out]
-        write("input_ids", itertools.chain.from_iterable(ids for ids, _, _ in out), sum(lens))
-        write("offsets", n_tok + np.cumsum(lens))
-        n_tok += sum(lens)
-        write("spans", [x for _, spans, _ in out for span in spans for x in span])
-        write("span_offsets", n_spans + np.cumsum([len(spans) for _, spans, _ in out]))
-        n_spans += sum(len(spans) for _, spans, _ in out)
-        write("rows", [n for _, _, n in out])
-
-    with atomic_dir(path) as tmp, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        files.update({name: open(os.path.join(tmp, f"{name}.bin"), "wb") for name in CACHE_ARRAYS})
-        try:
-            write("offsets", [0])
-            write("span_offsets", [0])
-            pending, rows, numbers, line_offsets, n_read, pos = None, [], [], [], 0, 0
-            for n, offset, row in itertools.chain(iter_rows(data_path, max_rows), [(None, None, None)]):
-                if n is not None:
-                    rows.append(row)
-                    numbers.append(n)
-                    n_read, pos = n + 1, offset
-                    if offset >= 0:
-                        line_offsets.append(offset)
-                if len(rows) == block_rows or (n is None and rows):
-                    write("line_offsets", line_offsets)  # a block's worth per write, not one row each
-                    if pending is not None:
-                        flush(pending.result())
-                    pending, rows, numbers, line_offsets = pool.submit(encode, rows, numbers), [], [], []
-                if log and time.time() - last > 10:
-                    last = time.time()
-                    done = n_read / total_rows if total_rows else pos / total_bytes if pos > 0 else 0
-                    eta = f", about {(last - t0) * (1 - done) / done:.0f}s left" if done else ""
-                    log(f"token cache: {n_read:,} rows read, {n_tok / 1e6:.1f}M tokens written, "
-                        f"{n_read / (last - t0):,.0f} rows/s, {n_tok / (last - t0) / 1e6:.2f}M tokens/s{eta}")
+def build_cache(data_path, tokenizer, path, key, log=print, block_rows=2048):
+    """Streams the data file, tokenizes blocks of rows as the key (cache_key) says (the tokenizer's
+    encode_batch runs on all cores in a worker thread while this thread parses the next block),
+    appends to flat files in a temporary directory and renames it to `path` when complete.
+    Returns the stats."""
+    t0 = last_log = time.time()
+    with atomic_dir(path) as tmp:
+        with CacheWriter(tmp) as cache, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = None  # the block the worker is encoding
+            for rows, line_offsets in row_blocks(data_path, key["max_rows"], block_rows):
+                cache.write("line_offsets", line_offsets)
+                if pending is not None:
+                    cache.append(*pending.result())
+                pending = pool.submit(encode_block, rows, tokenizer, key["max_len"], key["system_prompt"],
+                                      key["skip_bad_rows"], data_path)
+                if log and time.time() - last_log > 10:
+                    last_log = time.time()
+                    n_read, pos = rows[-1][0] + 1, line_offsets[-1] if line_offsets else -1
+                    done = fraction_read(data_path, key["max_rows"], n_read, pos)
+                    log(progress_line(n_read, cache.counts["input_ids"], last_log - t0, done))
             if pending is not None:
-                flush(pending.result())
-        finally:
-            for f in files.values():
-                f.close()
-        stats["seconds"] = round(time.time() - t0, 1)
+                cache.append(*pending.result())
+        stats = dict(cache.stats, seconds=round(time.time() - t0, 1))
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: a cache without it is never trusted
-            json.dump({"key": key, "counts": counts, "stats": stats}, f, indent=1)
+            json.dump({"key": key, "counts": cache.counts, "stats": stats}, f, indent=1)
     return stats
+
+
+def row_blocks(data_path, max_rows, block_rows):
+    """The data file's rows, block_rows at a time: ([(row_number, row), ...], their byte offsets if the
+    file is .jsonl, else [])."""
+    rows, line_offsets = [], []
+    for n, offset, row in iter_rows(data_path, max_rows):
+        rows.append((n, row))
+        if offset >= 0:
+            line_offsets.append(offset)
+        if len(rows) == block_rows:
+            yield rows, line_offsets
+            rows, line_offsets = [], []
+    if rows:
+        yield rows, line_offsets
+
+
+class CacheWriter:
+    """The flat files of a cache under construction, open for appending; counts what each holds and
+    totals encode_block's statistics, both for meta.json."""
+
+    def __init__(self, directory):
+        self.files = {name: open(os.path.join(directory, f"{name}.bin"), "wb") for name in CACHE_ARRAYS}
+        self.counts, self.stats = dict.fromkeys(CACHE_ARRAYS, 0), new_stats()
+        self.write("offsets", [0])  # example i spans offsets[i]:offsets[i + 1], so the first starts at 0
+        self.write("span_offsets", [0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for f in self.files.values():
+            f.close()
+
+    def write(self, name, values):
+        a = np.asarray(values, dtype=CACHE_ARRAYS[name])
+        a.tofile(self.files[name])
+        self.counts[name] += a.size
+
+    def append(self, examples, stats):
+        # encode_block's output: (input_ids, spans, row_number) per example, and the block's stats
+        lengths = [len(ids) for ids, _, _ in examples]
+        self.write("offsets", self.counts["input_ids"] + np.cumsum(lengths))
+        all_ids = itertools.chain.from_iterable(ids for ids, _, _ in examples)
+        self.write("input_ids", np.fromiter(all_ids, dtype=CACHE_ARRAYS["input_ids"], count=sum(lengths)))
+        self.write("span_offsets", self.counts["spans"] // 2 + np.cumsum([len(spans) for _, spans, _ in examples]))
+        self.write("spans", [x for _, spans, _ in examples for span in spans for x in span])
+        self.write("rows", [n for _, _, n in examples])
+        for name, count in stats.items():
+            self.stats[name] += count
+
+
+def fraction_read(data_path, max_rows, rows_read, byte_offset):
+    # of the rows to read where their number is known (max_rows, a .parquet's metadata), else of the bytes
+    total_rows = max_rows or (parquet_file(data_path).metadata.num_rows if data_path.endswith(".parquet") else 0)
+    if total_rows:
+        return rows_read / total_rows
+    return byte_offset / os.path.getsize(data_path) if byte_offset > 0 else 0
+
+
+def progress_line(rows_read, tokens, seconds, done):
+    eta = f", about {seconds * (1 - done) / done:.0f}s left" if done else ""
+    return (f"token cache: {rows_read:,} rows read, {tokens / 1e6:.1f}M tokens written, "
+            f"{rows_read / seconds:,.0f} rows/s, {tokens / seconds / 1e6:.2f}M tokens/s{eta}")
+
+# -----------------------------------------------------------------------------
+# the target store: a distillation target kept as its top-K per supervised position, written once by
+# the target pass (deltakd.compute_targets) and memory-mapped by every rank
+
+
+class TargetStore:
+    """DIR/shard-NNNNN/{ids,logp,rest}.bin: (M, K) uint32 ids, (M, K) log-probabilities and (M,) float32
+    log rest mass for the M supervised positions of examples [N*shard, (N+1)*shard) of the cache, in
+    example order and, within an example, position order (the loss's). A shard directory gets its name
+    only when complete, so a half-written shard is never read. DIR/key.json says what the targets
+    depend on (deltakd.targets_key): a store for another key is refused, naming what differs."""
+
+    def __init__(self, directory, cache, key):
+        self.dir, self.key, self.k, self.shard = directory, key, key["topk"], key["shard"]
+        self.logp_dtype = np.dtype(key["targets_dtype"])
+        self.offsets = np.concatenate([[0], np.cumsum(cache.n_targets())])
+        self.n_examples = len(cache)
+        self.n_shards = math.ceil(self.n_examples / self.shard)
+        self.maps = {}
+
+    def open_or_claim(self, rank):
+        """Refuses a directory built for something else, naming what differs; writes the key if new."""
+        path = os.path.join(self.dir, "key.json")
+        if rank == 0 and not os.path.isfile(path):
+            os.makedirs(self.dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.key, f, indent=1)
+            os.replace(path + ".tmp", path)
+        wait_until(lambda: os.path.isfile(path), f"rank 0 to write {path}", rank)
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != self.key:
+            raise SystemExit(f"--targets_dir={self.dir} holds targets for another run (differs in: "
+                             f"{', '.join(differing(theirs, self.key))}); use another directory or delete it")
+
+    def rows(self, s):
+        return int(self.offsets[min((s + 1) * self.shard, self.n_examples)] - self.offsets[s * self.shard])
+
+    def files(self, s, directory=None):
+        d = directory or os.path.join(self.dir, f"shard-{s:05d}")
+        M = self.rows(s)
+        return {"ids": (os.path.join(d, "ids.bin"), np.uint32, (M, self.k)),
+                "logp": (os.path.join(d, "logp.bin"), self.logp_dtype, (M, self.k)),
+                "rest": (os.path.join(d, "rest.bin"), np.float32, (M,))}
+
+    def complete(self, s):
+        return all(os.path.isfile(p) and os.path.getsize(p) == np.dtype(dt).itemsize * math.prod(shape)
+                   for p, dt, shape in self.files(s).values())
+
+    def write(self, s, arrays):
+        # arrays {"ids", "logp", "rest"} of the shard's rows
+        with atomic_dir(os.path.join(self.dir, f"shard-{s:05d}")) as tmp:  # over a damaged one, if any
+            for name, (p, dt, shape) in self.files(s, tmp).items():
+                assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
+                arrays[name].astype(dt).tofile(p)
+
+    def get(self, examples):
+        """{"ids", "logp", "rest"}: the rows of these examples, concatenated in the given order."""
+        parts = {"ids": [], "logp": [], "rest": []}
+        for i in examples:
+            s = int(i) // self.shard
+            if s not in self.maps:
+                self.maps[s] = {n: np.memmap(p, dtype=dt, mode="r", shape=shape) if shape[0] else np.zeros(shape, dt)
+                                for n, (p, dt, shape) in self.files(s).items()}
+            lo = int(self.offsets[i] - self.offsets[s * self.shard])
+            hi = lo + int(self.offsets[i + 1] - self.offsets[i])
+            for n in parts:
+                parts[n].append(self.maps[s][n][lo:hi])
+        return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -518,7 +686,7 @@ def collate(examples, pad_id, multiple=1):
     return input_ids, labels, attention_mask
 
 # -----------------------------------------------------------------------------
-# evaluation pairs
+# evaluation examples: held-out rows, scored on their first exchange
 
 
 def held_out_rows(n_rows, eval_size, seed):
@@ -542,22 +710,35 @@ def first_exchange(row):
     return msgs[:start + 2]
 
 
-def eval_pairs(rows, tokenizer, system_prompt=SYSTEM_PROMPT_BASE, max_prompt_len=None, source="eval data"):
-    """Single-turn protocol (as MiniLLM / DistiLLM): the prompt is the system turn and the first user
-    turn followed by `<|im_start|>assistant\\n`; the reference is the first assistant reply.
-    Returns (prompt token-id lists, reference strings); prompts longer than max_prompt_len are
-    skipped (counted in the third value)."""
-    prompts, refs, skipped = [], [], 0
+def prompt_ids(input_ids, labels):
+    """The conversation up to its first supervised token: for a chat example, exactly the chat template's
+    generation prompt, ending `<|im_start|>assistant\\n`. Lists or arrays in (TokenCache.example's too),
+    a list of ints out."""
+    first = int(np.argmax(np.asarray(labels) != IGNORE_INDEX))
+    return np.asarray(input_ids[:first], dtype=np.int64).tolist()
+
+
+class EvalExample(NamedTuple):
+    prompt: list     # token ids: what the model answers (prompt_ids of input_ids, labels)
+    reference: str   # the first assistant reply
+    input_ids: list  # the first exchange encoded as for training (encode_rows), for teacher forcing
+    labels: list
+
+
+def eval_examples(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, source="eval data"):
+    """Single-turn protocol (as MiniLLM / DistiLLM): each row's first exchange (the system turn, the first
+    user turn, the first assistant reply) as an EvalExample. Encoded by encode_rows' rule, so a row
+    with no supervised token within max_len is dropped."""
+    firsts = []
     for i, row in enumerate(rows):
         try:
-            msgs = first_exchange(row)
+            firsts.append(first_exchange(row))
         except DataError as e:
             raise DataError(f"{source}: row {i}: {e}") from None
-        text = render_chat(msgs[:-1], system_prompt, add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        if max_prompt_len and len(ids) > max_prompt_len:
-            skipped += 1
-            continue
-        prompts.append(ids)
-        refs.append(msgs[-1]["content"])
-    return prompts, refs, skipped
+    numbered = [(i, {"messages": msgs}) for i, msgs in enumerate(firsts)]
+    examples, _ = encode_block(numbered, tokenizer, max_len, system_prompt, source=source)
+    out = []
+    for ids, spans, i in examples:
+        labels = labels_from_spans(ids, spans).tolist()
+        out.append(EvalExample(prompt_ids(ids, labels), firsts[i][-1]["content"], ids, labels))
+    return out

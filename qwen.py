@@ -4,13 +4,18 @@ A hand-written Qwen-2.5 decoder in plain PyTorch that loads and saves Hugging Fa
     model = Qwen.from_pretrained("path/to/Qwen2.5-1.5B", dtype=torch.bfloat16, device="cuda")
     logits = model(input_ids)                                  # (B, T, vocab_size)
     out = model.generate([[151644, 872, 198], [...]], max_new_tokens=128, eos_token_id=[151645])
+    out = model.generate(prompts, 128, [151645], Sampling(temperature=0.7, top_p=0.9, seed=1))
 
 Parameter names equal transformers' Qwen2ForCausalLM (model.layers.0.self_attn.q_proj.weight, ...),
-so checkpoints load with strict=True and no renaming. Read bottom-up: norm -> rope -> attention ->
-MLP -> block -> model -> generation -> loading/saving.
+so checkpoints load with strict=True and no renaming. Read bottom-up: config -> norm -> rope ->
+attention -> MLP -> block -> sampling -> the model (forward, generation, loading/saving) ->
+checkpoint files and atomic directories -> init_weights, num_parameters and the accounting of FLOPs
+and activation memory.
 """
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -209,6 +214,57 @@ def position_ids_from_mask(attention_mask):
     # left padding shifts each row's positions so its first real token has position 0 (as HF generate)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+# -----------------------------------------------------------------------------
+# sampling: how generation picks each next token
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy (argmax); else sample from softmax(logits / temperature)
+    top_p: float = 1.0        # nucleus: only the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0            # only the top_k most probable tokens (0: all)
+    seed: int = 0             # of generate's torch.Generator: the same seed gives the same tokens
+
+
+def sample(logits, sampling, generator):
+    # logits (B, V) fp32 -> next ids (B,)
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        # nucleus: keep the smallest set of tokens whose probability reaches top_p (the top one always)
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= sampling.top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+PAD_ID = 0  # fills left padding and finished rows' slots: masked or trimmed, so its value never matters
+
+
+def left_pad(prompts, L):
+    """Prompts (token-id lists) -> ids (B, P) left-padded to the longest prompt, and key_mask (B, L) saying
+    which of the L cache slots hold real tokens (the prompts' for now; generation fills in the rest)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), PAD_ID, dtype=torch.long)
+    key_mask = torch.zeros(B, L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        key_mask[i, P - len(p):P] = True
+    return ids, key_mask
+
+
+def cut_after_eos(rows, eos_ids):
+    # each row up to and including its first eos (the slots after it hold PAD_ID)
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+
+# -----------------------------------------------------------------------------
+# the model with its head: forward, generation, loading and saving
+
 
 class Qwen(nn.Module):
     def __init__(self, cfg):
@@ -245,6 +301,60 @@ class Qwen(nn.Module):
         h = self.hidden_states(input_ids, attention_mask, position_ids)
         # return_hidden: the distillation loss projects hidden states itself, in chunks
         return h if return_hidden else self.lm_head(h)  # (B, T, hidden_size) or (B, T, vocab_size)
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eos_token_id, sampling=Sampling(), vocab_limit=None):
+        """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
+        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim.
+        prompts: list of token-id lists (any lengths, left-padded internally). Greedy by default, else
+        as `sampling` says. Stops a row at any id in eos_token_id (an int or a list). Ids >= vocab_limit
+        (Qwen's padded embedding rows, beyond the tokenizer) are never emitted. Returns one list per
+        prompt of the new ids, including the eos id when one was emitted."""
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        dev = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids, key_mask = (t.to(dev) for t in left_pad(prompts, P + max_new_tokens))
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
+        cache = self.empty_kv_cache(B, P + max_new_tokens)
+        gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        V = vocab_limit or self.config.vocab_size
+
+        # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
+        pos_ids = position_ids_from_mask(key_mask[:, :P])
+        h = self.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=cache,
+                               cache_pos=torch.arange(P, device=dev))
+        logits = F.linear(h[:, -1], self.lm_head.weight[:V]).float()  # (B, V): the real vocabulary only
+        out = torch.full((B, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        pos_ids = pos_ids[:, -1:]
+        n = 0
+        for n in range(max_new_tokens):
+            nxt = torch.where(done, PAD_ID, sample(logits, sampling, gen))
+            out[:, n] = nxt
+            done |= torch.isin(nxt, eos)
+            if n == max_new_tokens - 1 or bool(done.all()):
+                break
+            key_mask[:, P + n] = True
+            pos_ids = pos_ids + 1
+            logits = self.decode_step(nxt[:, None], pos_ids, key_mask[:, None, None, :], cache,
+                                      torch.tensor([P + n], device=dev), V)
+        return cut_after_eos(out[:, :n + 1].tolist(), set(eos.tolist()))
+
+    def empty_kv_cache(self, B, L):
+        # one (k, v) pair per layer, each (B, n_kv_head, L, head_dim); zeros: masked slots must hold no NaN
+        shape = (B, self.config.num_key_value_heads, L, self.config.head_dim)
+        like = dict(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers]
+
+    def decode_step(self, x, position_ids, mask, cache, cache_pos, vocab_limit):
+        """One token per row: x (B, 1), position_ids (B, 1), mask (B, 1, 1, L) over the cache slots,
+        cache_pos (1,) the slot to write. Returns fp32 logits (B, vocab_limit). Every shape is fixed."""
+        h = self.hidden_states(x, position_ids=position_ids, mask=mask, cache=cache, cache_pos=cache_pos)
+        return F.linear(h[:, -1], self.lm_head.weight[:vocab_limit]).float()
 
     # -------------------------------------------------------------------------
     # loading and saving Hugging Face checkpoints
@@ -319,87 +429,6 @@ class Qwen(nn.Module):
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-    # -------------------------------------------------------------------------
-    # generation
-
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_token_id, vocab_limit=None, temperature=0.0,
-                 top_p=1.0, top_k=0, seed=0, pad_token_id=0):
-        """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
-        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim.
-        prompts: list of token-id lists (any lengths, left-padded internally). Greedy when
-        temperature == 0, else temperature / top-k / top-p sampling from a torch.Generator seeded with
-        `seed`. Stops a row at any id in eos_token_id. Ids >= vocab_limit (Qwen's padded embedding rows,
-        beyond the tokenizer) are never emitted. Returns one list per prompt of the new ids, including
-        the eos id when one was emitted."""
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("generate: every prompt needs at least one token")
-        cfg, dev, dtype = self.config, self.lm_head.weight.device, self.lm_head.weight.dtype
-        B, P = len(prompts), max(len(p) for p in prompts)
-        L = P + max_new_tokens
-        ids = torch.full((B, P), pad_token_id, dtype=torch.long)
-        key_mask = torch.zeros(B, L, dtype=torch.bool)  # which cache slots hold real tokens
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            key_mask[i, P - len(p):P] = True
-        ids, key_mask = ids.to(dev), key_mask.to(dev)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
-        cache = [(torch.zeros(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype),
-                  torch.zeros(B, cfg.num_key_value_heads, L, cfg.head_dim, device=dev, dtype=dtype))
-                 for _ in self.model.layers]  # zeros: masked slots must hold no NaN (0 * NaN is NaN)
-        gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
-        V = vocab_limit or cfg.vocab_size
-
-        # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
-        pos_ids = position_ids_from_mask(key_mask[:, :P])
-        h = self.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=cache,
-                               cache_pos=torch.arange(P, device=dev))
-        logits = F.linear(h[:, -1], self.lm_head.weight[:V]).float()  # (B, V): the real vocabulary only
-        out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        pos_ids = pos_ids[:, -1:]
-        n = 0
-        for n in range(max_new_tokens):
-            nxt = torch.where(done, pad_token_id, sample(logits, temperature, top_p, top_k, gen))
-            out[:, n] = nxt
-            done |= torch.isin(nxt, eos)
-            if n == max_new_tokens - 1 or bool(done.all()):
-                break
-            key_mask[:, P + n] = True
-            pos_ids = pos_ids + 1
-            logits = self.decode_step(nxt[:, None], pos_ids, key_mask[:, None, None, :], cache,
-                                      torch.tensor([P + n], device=dev), V)
-        # trim each row after its first eos (later slots hold pad ids)
-        eos_ids = set(eos.tolist())
-        result = []
-        for row in out[:, :n + 1].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-            result.append(row[:end])
-        return result
-
-    def decode_step(self, x, position_ids, mask, cache, cache_pos, vocab_limit):
-        """One token per row: x (B, 1), position_ids (B, 1), mask (B, 1, 1, L) over the cache slots,
-        cache_pos (1,) the slot to write. Returns fp32 logits (B, vocab_limit). Every shape is fixed."""
-        h = self.hidden_states(x, position_ids=position_ids, mask=mask, cache=cache, cache_pos=cache_pos)
-        return F.linear(h[:, -1], self.lm_head.weight[:vocab_limit]).float()
-
-
-def sample(logits, temperature, top_p, top_k, generator):
-    # logits (B, V) fp32 -> next ids (B,)
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # nucleus: keep the smallest set of tokens whose probability reaches top_p (the top one always)
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p
-        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
 # -----------------------------------------------------------------------------
 # loading and saving HF checkpoints
 
@@ -420,6 +449,15 @@ def checkpoint_files(path):
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
     return [single]
+
+
+def model_identity(path):
+    # what changes a model's outputs: its config and its weight files (name, size, mtime)
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        config = hashlib.sha256(f.read()).hexdigest()
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return {"config_sha256": config,
+            "weights": [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]}
 
 
 @contextlib.contextmanager
@@ -449,6 +487,9 @@ def replace_dir(src, dst):
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
+# -----------------------------------------------------------------------------
+# initialisation and counting: parameters, model FLOPs, activation memory
+
 
 def init_weights(model, std=0.02, seed=0):
     # HF's Qwen2 init: normal(0, initializer_range) for linear and embedding weights, zero biases
@@ -467,3 +508,27 @@ def init_weights(model, std=0.02, seed=0):
 def num_parameters(model):
     # unique parameters: a tied lm_head counts once, as in HF's num_parameters()
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(config, T, train):
+    """Model FLOPs of one token in a sequence of T tokens (PaLM's accounting): 2 per parameter per
+    token forward (the embedding lookup is no matmul; a tied lm_head is), plus attention's
+    QK^T and AV, 4 * layers * hidden * T forward; training is 3x forward (no recomputation counted)."""
+    c = config
+    n = (c.num_hidden_layers * (4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2
+         + 3 * c.hidden_size * c.intermediate_size) + c.vocab_size * c.hidden_size)
+    forward = 2 * n + 4 * c.num_hidden_layers * c.hidden_size * T
+    return 3 * forward if train else forward
+
+
+def activation_bytes(config, tokens, dtype_bytes, checkpointing):
+    """Activations kept for backward: per layer and token, the fp32 residual stream into both RMSNorms
+    (8C) and, in the autocast dtype (dtype_bytes each), the normed inputs, q/k before and after RoPE, v,
+    the attention output and its re-layout, and SwiGLU's gate, up, silu and product (6C + 3 C_kv + 4I).
+    With checkpointing only each layer's input (4C) stays, plus one layer's worth during recomputation."""
+    C, I = config.hidden_size, config.intermediate_size
+    kv = C * config.num_key_value_heads // config.num_attention_heads
+    layer = 8 * C + dtype_bytes * (6 * C + 3 * kv + 4 * I)
+    if checkpointing:
+        return tokens * (4 * C * config.num_hidden_layers + layer)
+    return tokens * layer * config.num_hidden_layers

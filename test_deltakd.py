@@ -5,6 +5,8 @@ NLTK for ROUGE, jinja2 for the chat template, dense references written here for 
     python -m pytest -q test_deltakd.py
 """
 
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -163,9 +165,8 @@ def test_sampling_is_seeded_and_never_emits_padded_vocab_rows(tmp_path):
         # rows beyond the "tokenizer" are 20x copies of real rows: they win wherever a logit is positive
         model.lm_head.weight[250:] = 20 * model.lm_head.weight[:50]
     prompts = [[1, 2, 3], [4, 5]]
-    a = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250, temperature=1.0, top_p=0.9, seed=7)
-    b = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250, temperature=1.0, top_p=0.9, seed=7)
-    c = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250, temperature=1.0, top_p=0.9, seed=8)
+    a, b, c = (model.generate(prompts, 16, [299], qwen.Sampling(temperature=1.0, top_p=0.9, seed=seed), vocab_limit=250)
+               for seed in (7, 7, 8))
     g = model.generate(prompts, 16, eos_token_id=[299], vocab_limit=250)
     assert a == b and a != c
     assert max(max(r) for r in a + c + g) < 250
@@ -174,9 +175,10 @@ def test_sampling_is_seeded_and_never_emits_padded_vocab_rows(tmp_path):
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seen = {qwen.sample(logits, 1.0, 0.75, 0, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    nucleus, top2 = qwen.Sampling(temperature=1.0, top_p=0.75), qwen.Sampling(temperature=1.0, top_k=2)
+    seen = {qwen.sample(logits, nucleus, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are cut
-    seen = {qwen.sample(logits, 1.0, 1.0, 2, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    seen = {qwen.sample(logits, top2, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert seen == {0, 1}  # top_k=2
 
 
@@ -256,7 +258,7 @@ def test_unsupported_configs_are_refused_naming_the_key(tmp_path, change, key):
         qwen.QwenConfig.from_json(str(p))
 
 # -----------------------------------------------------------------------------
-# rouge.py (frozen values: ../shared/ROUGE.md, produced by rouge-score 0.1.2 + nltk 3.10.4)
+# rouge.py (frozen values: docs/rouge.md, produced by rouge-score 0.1.2 + nltk 3.10.4)
 
 from nltk.stem.porter import PorterStemmer  # noqa: E402
 from rouge_score import rouge_scorer  # noqa: E402
@@ -523,19 +525,28 @@ def test_shuffle_is_deterministic_per_seed_and_epoch_and_grouping_cuts_padding()
     assert data.padding_fraction(a, lengths) < 0.2 < data.padding_fraction(plain, lengths)
 
 
-def test_eval_pairs_are_the_first_turn_and_the_split_is_disjoint(tokenizer):
+def test_eval_examples_are_the_first_turn_and_the_split_is_disjoint(tokenizer):
     rows = data.read_rows(ULTRACHAT)
     train, held = data.split_rows(rows, 50, seed=3)
     assert len(held) == 50 and len(train) == 950
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held}
     assert held == data.split_rows(rows, 50, seed=3)[1] != data.split_rows(rows, 50, seed=4)[1]
-    prompts, refs, skipped = data.eval_pairs(held, tokenizer)
-    assert skipped == 0 and len(prompts) == 50
+    examples = data.eval_examples(held, tokenizer, 4096)
+    assert len(examples) == 50
     msgs = data.to_messages(held[0])
-    assert refs[0] == msgs[1]["content"]
-    assert tokenizer.decode(prompts[0], skip_special_tokens=False) == chat_template("Qwen2.5-1.5B").render(
+    first = examples[0]
+    assert first.reference == msgs[1]["content"]
+    assert tokenizer.decode(first.prompt, skip_special_tokens=False) == chat_template("Qwen2.5-1.5B").render(
         messages=msgs[:1], add_generation_prompt=True)
-    assert prompts[0][-3:] == tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+    assert first.prompt[-3:] == tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+    # one prompt: the teacher-forced pair's, and the cache's (SeqKD), each cut at the first supervised token
+    assert (first.input_ids, first.labels) == data.encode_rows([{"messages": msgs[:2]}], tokenizer, 4096)[0][0]
+    assert all(e.prompt == data.prompt_ids(e.input_ids, e.labels) == e.input_ids[:len(e.prompt)] for e in examples)
+    # a first exchange with no supervised token within max_len is dropped; a bad row is named
+    short = data.eval_examples(held[:5], tokenizer, len(first.prompt))
+    assert first not in short and len(short) == sum(len(e.prompt) < len(first.prompt) for e in examples[:5])
+    with pytest.raises(data.DataError, match=r"eval.jsonl: row 1: .*ends with a user turn"):
+        data.eval_examples([held[0], {"messages": msgs[:1]}], tokenizer, 4096, source="eval.jsonl")
 
 
 def write(tmp_path, name, content, mode="w"):
@@ -600,8 +611,7 @@ def build(tmp_path, path, max_len=1024, max_rows=0, tok=TOKENIZER, system=data.S
     key = data.cache_key(path, tok, max_len, system, max_rows, False)
     where = data.cache_dir_for(str(tmp_path / "cache"), key)
     if data.check_cache(where, key):
-        data.build_cache(path, Tokenizer.from_file(tok), where, key, max_len, system, max_rows, log=None,
-                         block_rows=300)
+        data.build_cache(path, Tokenizer.from_file(tok), where, key, log=None, block_rows=300)
     return where, key
 
 
@@ -615,6 +625,8 @@ def test_token_cache_gives_exactly_todays_tokens_and_labels_for_every_bundled_ro
     for i, (ids, labels) in enumerate(want):
         got_ids, got_labels = cache.example(i)
         assert got_ids.tolist() == ids and got_labels.tolist() == labels
+        # the prompt SeqKD answers: the cached arrays up to the first supervised token
+        assert data.prompt_ids(got_ids, got_labels) == ids[:next(j for j, y in enumerate(labels) if y != -100)]
     # the loss's count of supervised positions, per example
     assert cache.n_targets().tolist() == [sum(lab != -100 for lab in labels[1:]) for _, labels in want]
     size = sum(os.path.getsize(os.path.join(where, f)) for f in os.listdir(where))
@@ -639,16 +651,22 @@ def test_a_new_tokenizer_max_len_data_file_or_prompt_makes_a_new_cache(tmp_path)
     assert len(data.TokenCache(variants[-1])) == 1320 and len(data.TokenCache(variants[2])) == 100
 
 
+def run_of(cfg, tokenizer_path=TOKENIZER):
+    # the fixed parts of a one-process CPU run, for tests that call one piece of the pipeline
+    tok = Tokenizer.from_file(tokenizer_path)
+    return deltakd.Run(cfg, 0, 1, torch.device("cpu"), tok, tokenizer_path, deltakd.loss_spec(cfg, tok.get_vocab_size()))
+
+
 def test_a_truncated_or_half_written_cache_is_rebuilt_with_a_message(tmp_path, tokenizer, capsys):
-    cfg = deltakd.parse_args([f"--out_dir={tmp_path}", "--max_len=256"])
-    first = deltakd.token_cache(cfg, GSM8K, TOKENIZER, tokenizer, rank=0)
+    run = run_of(deltakd.parse_args([f"--out_dir={tmp_path}", "--max_len=256"]))
+    first = deltakd.token_cache(run, GSM8K)
     ids = first.input_ids.tolist()
     with open(os.path.join(first.path, "input_ids.bin"), "r+b") as f:
         f.truncate(1000)  # a disk that filled up, a copy cut short
-    again = deltakd.token_cache(cfg, GSM8K, TOKENIZER, tokenizer, rank=0)
+    again = deltakd.token_cache(run, GSM8K)
     assert "input_ids.bin has 1000 bytes" in capsys.readouterr().out and again.input_ids.tolist() == ids
     os.remove(os.path.join(first.path, "meta.json"))  # as if killed before the last file
-    third = deltakd.token_cache(cfg, GSM8K, TOKENIZER, tokenizer, rank=0)
+    third = deltakd.token_cache(run, GSM8K)
     assert "no meta.json" in capsys.readouterr().out and third.input_ids.tolist() == ids
     # a killed build leaves only a temporary directory, which no run reads
     assert all(d.startswith(("tokens-", "build.log")) for d in os.listdir(tmp_path / "cache"))
@@ -671,10 +689,11 @@ def test_max_rows_on_parquet_reads_only_the_row_groups_it_needs(tmp_path, monkey
 
 def test_held_out_rows_are_read_back_by_seeking_and_never_trained_on(run_dir, tmp_path, tokenizer):
     cfg = deltakd.parse_args(args(run_dir, tmp_path, eval_size=8, max_rows=40))
-    cache, train_idx, eval_rows = deltakd.load_data(cfg, tokenizer, TOKENIZER, 0, 1, torch.device("cpu"))
+    cache, train_idx, evalset = deltakd.load_data(run_of(cfg))
     rows = data.read_rows(str(run_dir / "train.jsonl"))[:40]
     held = data.held_out_rows(40, 8, cfg.seed)
-    assert eval_rows == [rows[i] for i in held] and len(train_idx) == 32
+    assert evalset == data.eval_examples([rows[i] for i in held], tokenizer, cfg.max_len, cfg.system_prompt)
+    assert len(evalset) == 8 and len(train_idx) == 32
     assert not set(cache.rows[train_idx].tolist()) & set(held.tolist())
     assert data.held_out_rows(40, 8, cfg.seed).tolist() == held.tolist()  # deterministic
 
@@ -761,14 +780,14 @@ def loss_inputs(method, B=3, T=11, C=16, V=60, seed=0):
     h = torch.randn(B, T, C, generator=g) * 2
     W = torch.randn(V + 4, C, generator=g)
     W[V:] = 1e4
-    roles = deltakd.METHODS[method.removesuffix("-rkl")].frozen
+    roles = deltakd.target_weights(deltakd.METHODS[method.removesuffix("-rkl")], 1.5)
     teachers = {}
     for role in roles:
         Wt = torch.randn(V + 9, 24, generator=g)
         Wt[V:] = -1e4 * torch.rand(9, 24, generator=g)
         teachers[role] = (torch.randn(B, T, 24, generator=g) * 2, Wt)
-    spec = deltakd.LossSpec(vocab=V, lam={"sft": 1.0}.get(method, 0.3), alpha=1.5, temperature=2.0,
-                            divergence="rkl" if "rkl" in method else "fkl", chunk_size=5)
+    spec = deltakd.LossSpec(vocab=V, method=method.removesuffix("-rkl"), lam={"sft": 1.0}.get(method, 0.3), alpha=1.5,
+                            temperature=2.0, divergence="rkl" if "rkl" in method else "fkl", chunk_size=5)
     return h, W, some_labels(B, T, V, seed), teachers or None, spec
 
 
@@ -955,7 +974,7 @@ def run_dir(tmp_path_factory):
         c = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
         transformers.Qwen2ForCausalLM(c).save_pretrained(str(root / name))
-        __import__("shutil").copy(TOKENIZER, root / name / "tokenizer.json")
+        shutil.copy(TOKENIZER, root / name / "tokenizer.json")
     rows = data.read_rows(GSM8K)[:56]
     with open(root / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -998,6 +1017,18 @@ def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
     assert len(preds) == 8 and all(set(p) == {"prediction", "reference"} for p in preds)
 
 
+def test_the_evaluation_teacher_is_read_once_per_run(run_dir, tmp_path, monkeypatch):
+    # sft's loss reads no teacher; a given --teacher_ft adds the teacher-forced KL to every evaluation, and
+    # is read from disk once per run, not once per --eval_every
+    loads, real = [], qwen.Qwen.from_pretrained.__func__
+    monkeypatch.setattr(qwen.Qwen, "from_pretrained",
+                        classmethod(lambda cls, path, **kw: loads.append(str(path)) or real(cls, path, **kw)))
+    scores = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, method="sft", max_steps=3, eval_every=1)))
+    evals = [json.loads(line)["eval"] for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+    assert len(evals) == 3 and all("kl_teacher" in e for e in evals) and evals[-1] == scores
+    assert loads.count(str(run_dir / "teacher_ft")) == 1
+
+
 def test_eval_only_scores_a_checkpoint_as_its_training_run_did_and_needs_no_training_data(run_dir, tmp_path):
     (tmp_path / "eval.jsonl").write_text("".join(open(run_dir / "train.jsonl").readlines()[:6]))
     common = dict(eval_data=tmp_path / "eval.jsonl", eval_temperature=1, eval_seeds=2)
@@ -1019,9 +1050,9 @@ def test_teacher_forced_scores_equal_a_per_example_float64_reference(run_dir, to
     # batched, right-padded and chunked in the code; here one example at a time, full logits, float64
     cfg = deltakd.parse_args(args(run_dir, "unused", eval_batch_size=3, chunk_size=7, max_len=1024))  # no truncation
     rows = data.read_rows(GSM8K)[100:107]
-    evalset = deltakd.eval_set(rows, tokenizer, cfg)
+    examples, run = data.eval_examples(rows, tokenizer, cfg.max_len, cfg.system_prompt), run_of(cfg)
     student, teacher = (qwen.Qwen.from_pretrained(str(run_dir / n)).eval() for n in ("student", "teacher_ft"))
-    got = deltakd.forced_scores(student, teacher, evalset.forced, 151643, 151665, cfg, 0, 1)
+    got = deltakd.forced_scores(run, student, teacher, examples)
     nll = kl = agree = n = 0.0
     for r in rows:
         text = data.render_chat(data.first_exchange(r), cfg.system_prompt)
@@ -1040,9 +1071,9 @@ def test_teacher_forced_scores_equal_a_per_example_float64_reference(run_dir, to
         n += len(y)
     assert math.isclose(got["nll"], nll / n, rel_tol=1e-5) and math.isclose(got["kl_teacher"], kl / n, rel_tol=1e-4)
     assert got["top1_teacher"] == agree / n
-    itself = deltakd.forced_scores(teacher, teacher, evalset.forced, 151643, 151665, cfg, 0, 1)
+    itself = deltakd.forced_scores(run, teacher, teacher, examples)
     assert itself["top1_teacher"] == 1.0 and abs(itself["kl_teacher"]) < 1e-6
-    assert set(deltakd.forced_scores(student, None, evalset.forced, 151643, 151665, cfg, 0, 1)) == {"nll"}
+    assert set(deltakd.forced_scores(run, student, None, examples)) == {"nll"}
 
 
 def test_sampled_evaluation_is_scored_beside_greedy_and_reproducible_per_seed(run_dir, tmp_path):
@@ -1085,7 +1116,7 @@ def test_checkpoints_carry_a_tokenizer_whose_chat_template_renders_exactly_ours(
     custom = tmp_path / "custom"
     custom.mkdir()
     odd = "Answer in 'one' line \\ no more."  # quotes and a backslash inside the template's string literal
-    deltakd.write_tokenizer_files(str(custom), TOKENIZER, odd)
+    data.write_tokenizer_files(str(custom), TOKENIZER, odd)
     rows = data.read_rows(ULTRACHAT)[:20] + [{"messages": [{"role": "system", "content": "Be brief."},
                                                           {"role": "user", "content": "u"},
                                                           {"role": "assistant", "content": "a"}]}]
@@ -1247,12 +1278,12 @@ def test_delta_at_alpha_zero_reads_no_raw_model_and_trains_exactly_as_forward_kl
     # the raw models' weight in the target is 0: a --teacher_raw that does not exist is never opened
     common = dict(max_steps=3, eval_size=0)
     cfg = deltakd.parse_args(args(run_dir, tmp_path / "delta", alpha=0.0, teacher_raw=tmp_path / "absent", **common))
-    assert set(deltakd.frozen_models(cfg)) == {"teacher_ft"}
+    assert set(deltakd.frozen_dirs(cfg)) == {"teacher_ft"}
     deltakd.train(cfg)
     deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "fkl", method="fkl", **common)))
     delta, fkl = (weights(deltakd.checkpoints(str(tmp_path / d))[-1]) for d in ("delta", "fkl"))
     assert delta.keys() == fkl.keys() and all(torch.equal(delta[k], fkl[k]) for k in delta)
-    assert set(deltakd.frozen_models(deltakd.parse_args(args(run_dir, tmp_path, alpha=0.5)))) == {
+    assert set(deltakd.frozen_dirs(deltakd.parse_args(args(run_dir, tmp_path, alpha=0.5)))) == {
         "teacher_ft", "teacher_raw", "student_raw"}
 
 
@@ -1306,16 +1337,17 @@ plan = sum(b for _, b in deltakd.memory_plan(cfg, configs, 1))
 open("/proc/self/clear_refs", "w").write("5")
 rss = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 base = rss("VmRSS:")
-student = qwen.Qwen.from_pretrained(cfg.student).train()
-frozen = deltakd.load_frozen(cfg, torch.device("cpu"))
-opt = deltakd.build_optimizer(cfg, student, torch.device("cpu"))
+tok = deltakd.Tokenizer.from_file(os.path.join("assets", "qwen2.5", "tokenizer.json"))
+run = deltakd.Run(cfg, 0, 1, torch.device("cpu"), tok, "", deltakd.loss_spec(cfg, 151665))
+student = deltakd.build_student(run)
+frozen = deltakd.load_frozen(run)
 ids = torch.randint(0, 151665, (cfg.batch_size, cfg.max_len), generator=torch.Generator().manual_seed(0))
-spec = deltakd.loss_spec(cfg, 151665)
 for _ in range(2):  # the second step holds AdamW's state too
-    loss, _, _, n = deltakd.forward_loss(student, student, ids, ids, deltakd.frozen_target(frozen, ids), spec, "none")
+    h = student.model(ids, return_hidden=True)
+    loss, _, _, n = deltakd.distill_loss(h, student.model.lm_head.weight, ids, deltakd.frozen_hidden_states(frozen, ids), run.spec)
     (loss / n).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=False)  # gradients stay allocated, as the plan counts them
+    student.optimizer.step()
+    student.optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as the plan counts them
 print(json.dumps({"plan": plan, "peak": rss("VmHWM:") - base}))
 """
 
@@ -1345,13 +1377,13 @@ def test_bad_inputs_stop_before_the_first_step_with_a_message(run_dir, tmp_path)
     fails("--method=fkl needs --teacher_ft", method="fkl", teacher_ft="")
     # a teacher with another tokenizer
     other = tmp_path / "other_tok"
-    __import__("shutil").copytree(run_dir / "teacher_ft", other)
+    shutil.copytree(run_dir / "teacher_ft", other)
     tok = json.load(open(TOKENIZER))
     tok["added_tokens"][0]["content"] = "<|something_else|>"
     json.dump(tok, open(other / "tokenizer.json", "w"))
     fails(r"tokenizer mismatch: .*other_tok/tokenizer.json \(--teacher_ft\) differs from", teacher_ft=other)
     small = tmp_path / "small_vocab"
-    __import__("shutil").copytree(run_dir / "student", small)
+    shutil.copytree(run_dir / "student", small)
     cfg = json.load(open(small / "config.json"))
     cfg["vocab_size"] = 1000
     json.dump(cfg, open(small / "config.json", "w"))
@@ -1375,15 +1407,27 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def shrink_demo(monkeypatch, raw_models, **over):
-    # the real demo with every stage shrunk to a few steps, its raw models pretrained into raw_models (not
-    # the bundled ones); its full-size run is measured in the README (the teacher gets enough finetuning
-    # to answer with text, so SeqKD has something to learn from)
-    pretrain = dict(max_steps=2, lr=1e-3, batch_size=4)
-    monkeypatch.setattr(deltakd, "DEMO", dict(deltakd.DEMO, vocab_size=2000, eval_max_new_tokens=6,
-                                              raw_models=str(raw_models), pretrain_teacher=pretrain,
-                                              pretrain_student=pretrain,
-                                              finetune=dict(max_steps=60, lr=3e-3, batch_size=8), **over))
+def load_pretrain_script():
+    # assets/demo/pretrain.py, the script beside the bundled raw models that makes them
+    spec = importlib.util.spec_from_file_location("pretrain", os.path.join(ASSETS, "demo", "pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PRETRAIN = load_pretrain_script()
+
+
+def shrink_demo(monkeypatch, raw_models, seeds=(1337,), **over):
+    # the real demo with every stage shrunk to a few steps, on raw models pretrained into raw_models by
+    # assets/demo/pretrain.py (not the bundled ones); its full-size run is measured in the README (the
+    # teacher gets enough finetuning to answer with text, so SeqKD has something to learn from)
+    monkeypatch.setattr(deltakd, "DEMO", replace(deltakd.DEMO, eval_max_new_tokens=6, raw_models=str(raw_models),
+                                                 finetune=dict(max_steps=60, lr=3e-3, batch_size=8), **over))
+    PRETRAIN.pretrain(str(raw_models), seeds, SHRUNK_PRETRAINING)
+
+
+SHRUNK_PRETRAINING = replace(PRETRAIN.PRETRAIN, vocab_size=2000, steps=dict(max_steps=2, lr=1e-3, batch_size=4))
 
 
 def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identically(tmp_path, monkeypatch):
@@ -1397,25 +1441,28 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
     assert all(t.dtype == torch.bfloat16 for t in weights(tmp_path / "raw/seed1337/raw-teacher").values())
     stages = {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd",
               "student-delta-a1"}
-    assert set(results) == stages | {"baseline: most frequent answer", "baseline: nearest training answer", "references"}
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved) == stages | {"baseline: most frequent answer", "baseline: nearest training answer", "references"}
     for stage in stages:  # every figure of the table, for every stage, from its one seed
-        s = results[stage][1337]
+        s = saved[stage]["1337"]
         assert {"rougeL", "sampled_rougeL", "nll", "distinct", "repeated_4grams", "sound", "words"} <= set(s)
         assert ("kl_teacher" in s) == stage.startswith("student")
-    table = open(tmp_path / "results.md").read()
-    assert table.count("\n") == 13 and "Delta-KD (α=1)" in table and "SeqKD" in table and "KL(teacher" in table
-    assert "| Baseline: nearest training answer |" in table
-    refs = [json.loads(x)["reference"] for x in open(tmp_path / "teacher-ft" / "eval-final.jsonl")]
-    assert results["references"]["-"] == deltakd.answer_sanity(refs)
-    assert "| Reference answers (sanity only) | – | – | – | – | – | – | – | 100% |" in table
+        assert 0 <= s["rougeL"] <= 1 and s["nll"] > 0
+    teacher_answers = [json.loads(x) for x in open(tmp_path / "teacher-ft" / "eval-final.jsonl")]
+    refs = [a["reference"] for a in teacher_answers]
+    assert saved["references"]["-"] == deltakd.answer_sanity(refs) and len(refs) == 6
+    assert saved["teacher-ft"]["1337"]["rougeL"] == deltakd.rouge_f1(refs, [a["prediction"] for a in teacher_answers])["rougeL"]
+    assert open(tmp_path / "results.md").read() == deltakd.demo_table(results) + "\n"  # the table is these numbers
     seqkd = data.read_rows(str(tmp_path / "student-seqkd" / "seqkd_data.jsonl"))
     assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)
-    # seeds fixed: the same raw models, bit for bit, pretrained again into another folder; the same table
-    again = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'again'}", "--quiet=true",
-                                             f"--demo_raw_models={tmp_path / 'raw-again'}"]))
+    # seeds fixed: the same raw models, bit for bit, pretrained again into another folder; the same results
+    PRETRAIN.pretrain(str(tmp_path / "raw-again"), [1337], SHRUNK_PRETRAINING)
     for p in raw:
         assert (tmp_path / "raw" / p).read_bytes() == (tmp_path / "raw-again" / p).read_bytes(), p
-    assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
+    again = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'again'}", "--quiet=true",
+                                             f"--demo_raw_models={tmp_path / 'raw-again'}"]))
+    assert json.loads(json.dumps(again)) == saved
     for stage in stages:  # ... and the same generated answers
         for f in ("eval-final.jsonl", "eval-final-sampled.jsonl"):
             a, b = (open(d / stage / f).read() for d in (tmp_path, tmp_path / "again"))
@@ -1423,38 +1470,46 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
 
 
 def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, monkeypatch):
-    shrink_demo(monkeypatch, tmp_path / "raw", eval_size=4, eval_seeds=1, distill=dict(max_steps=1, lr=1e-3, batch_size=4),
-                full=dict(seeds=2, alphas=(0.0, 1.0), topk=4))
-    results = deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true"]))
-    runs = {k for k in results if not k.startswith("baseline") and k != "references"}
+    shrink_demo(monkeypatch, tmp_path / "raw", seeds=(1337, 1338), eval_size=4, eval_seeds=1,
+                distill=dict(max_steps=1, lr=1e-3, batch_size=4), full_seeds=2, full_alphas=(0.0, 1.0), full_topk=4)
+    deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true"]))
+    saved = json.load(open(tmp_path / "results.json"))
+    runs = {k for k in saved if not k.startswith("baseline") and k != "references"}
     assert runs == {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl",
                     "student-seqkd", "student-delta-a0", "student-delta-a1", "student-delta-a1-top4"}
-    assert all(set(results[k]) == {1337, 1338} for k in runs)  # per-seed values, in results.json too
-    assert set(json.load(open(tmp_path / "results.json"))["student-delta-a0"]) == {"1337", "1338"}
+    assert all(set(saved[k]) == {"1337", "1338"} for k in runs)  # every seed's figures
     assert os.path.isfile(tmp_path / "seed1338" / "targets" / "key.json")  # the stored top-k run's target pass
-    table = open(tmp_path / "results.md").read()
-    assert "| Delta-KD (α=1, stored top-4) |" in table and " ± " in table
+    # Delta-KD at alpha 0 is forward KL: the same figures, to the last digit, on every seed
+    assert saved["student-delta-a0"] == saved["student-fkl"]
+    assert open(tmp_path / "results.md").read() == deltakd.demo_table(saved) + "\n"
 
 
 def test_the_bundled_raw_models_are_used_as_they_are(tmp_path):
-    # assets/demo: a raw teacher and a raw student per seed of the full comparison, as demo_raw_models
-    # wrote them (assets/SHA256SUMS), sharing the bundled tokenizer; the demo reads them, pretrains nothing
+    # assets/demo: a raw teacher and a raw student per seed of the full comparison, as pretrain.py wrote them
+    # (assets/SHA256SUMS), sharing the bundled tokenizer; pretrain.py has nothing left to make there
     sums = dict(line.split()[::-1] for line in open(os.path.join(HERE, "assets", "SHA256SUMS")))
     for name, digest in sums.items():
-        assert __import__("hashlib").sha256(open(os.path.join(HERE, "assets", name), "rb").read()).hexdigest() == digest
-    assert sum(name.startswith("./demo/") for name in sums) == 1 + 6 * deltakd.DEMO["full"]["seeds"]
-    seeds = range(1337, 1337 + deltakd.DEMO["full"]["seeds"])
-    tok_path, raw = deltakd.demo_raw_models(deltakd.parse_args([f"--out_dir={tmp_path}"]), seeds)
-    assert os.listdir(tmp_path) == []
-    tok = Tokenizer.from_file(tok_path)
-    assert tok.get_vocab_size() == deltakd.DEMO["vocab_size"]
+        assert hashlib.sha256(open(os.path.join(HERE, "assets", name), "rb").read()).hexdigest() == digest
+    assert sum(name.startswith("./demo/") for name in sums) == 1 + 6 * deltakd.DEMO.full_seeds
+    seeds, root = range(1337, 1337 + deltakd.DEMO.full_seeds), deltakd.DEMO.raw_models
+    before = sorted(os.walk(root))
+    PRETRAIN.pretrain(root, seeds)
+    assert sorted(os.walk(root)) == before
+    tok = Tokenizer.from_file(os.path.join(root, "tokenizer.json"))
+    assert tok.get_vocab_size() == PRETRAIN.PRETRAIN.vocab_size
     assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
     for seed in seeds:
-        for path, arch in zip(raw[seed], (deltakd.DEMO["teacher"], deltakd.DEMO["student"])):
+        for role in ("teacher", "student"):
+            path = deltakd.demo_raw_model(root, seed, role)
             c = qwen.QwenConfig.from_json(os.path.join(path, "config.json"))
+            arch = getattr(PRETRAIN.PRETRAIN, role)
             assert c.vocab_size == tok.get_vocab_size() and all(getattr(c, k) == v for k, v in arch.items())
-            assert open(os.path.join(path, "tokenizer.json")).read() == open(tok_path).read()
+            assert open(os.path.join(path, "tokenizer.json")).read() == open(os.path.join(root, "tokenizer.json")).read()
             assert all(t.dtype == torch.bfloat16 for t in weights(path).values())
+    # raw models that are not there: one line naming the folder and the command that makes them
+    with pytest.raises(SystemExit, match=r"lacks the raw models of seed\(s\) 1337; make them with "
+                                         r"`python assets/demo/pretrain.py .*empty --seeds=1337`"):
+        deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path / 'out'}", f"--demo_raw_models={tmp_path / 'empty'}"]))
 
 
 def test_the_demo_refuses_torchrun_and_eval_only_refuses_no_model(tmp_path, monkeypatch):
