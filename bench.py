@@ -1,9 +1,13 @@
 """
-Every speed and memory claim of deltakd, each measured side by side with its peer in the same run.
+Every speed and memory claim of deltakd, each measured side by side with its peer in the same run, and
+what a stored top-K target costs in accuracy.
 
-    python bench.py                       # all of them (liger needs the optional .[bench] extra)
-    python bench.py rouge loss            # some
-    python bench.py --gpu                 # the GPU measurements (needs CUDA; under 8 minutes on one H100)
+    python bench.py                                   # all of them (liger needs the .[bench] extra, topk a demo run)
+    python bench.py step rouge                        # some
+    python bench.py step --out docs/bench-rows.md     # and append the rows to a file (the machine line first)
+    python bench.py topk --demo_out=out               # topk reads a demo run's directory (`python deltakd.py`)
+    python bench.py data --data_rows=20000            # the data bench on a smaller file (default 200,000 rows)
+    python bench.py --gpu                             # the GPU measurements (needs CUDA)
 
 - forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
 - generate: greedy, batch 8, 128 new tokens, left-padded prompts of different lengths, vs HF generate.
@@ -11,10 +15,21 @@ Every speed and memory claim of deltakd, each measured side by side with its pee
             (time in this process; peak memory of each in its own child process, from VmHWM).
 - liger:    the chunked loss vs Liger-Kernel's fused linear forward KL, eager and compiled (pip install -e '.[bench]').
 - rouge:    rouge.py vs rouge-score on 1,000 pairs of real answers, 4 types, stemming, numbers asserted equal.
-- step:     one Delta-KD training step vs one SFT step of the same student (the three frozen forwards' price).
-Timings are medians of interleaved repeats after a warm-up. Prints ratios (>1 means deltakd is faster).
+- step:     deltakd.train_step itself, in real runs (deltakd.start, load_data, load_target, build_student,
+            micro_batches): Delta-KD with the frozen models live and with stored top-64 targets, each vs
+            the SFT step of the same student and batch; and the target pass that stores them.
+- compile:  the same train_step with --compile=true vs eager.
+- data:     the token cache (deltakd.load_data) vs the in-memory path, time and peak memory, each in its own process.
+- topk:     how far a stored top-K target (the target pass's own store) is from the exact one, on the
+            models of a demo run: mass outside the top K, KD loss, gradient cosine. No training.
+Every figure printed is measured in that run. Timings are medians of interleaved repeats after a warm-up;
+each result says which way its ratio points. The output is markdown table rows: bench | what | peer |
+setting | result.
 """
 
+import argparse
+import collections
+import gc
 import json
 import math
 import os
@@ -28,6 +43,7 @@ import tempfile
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 import data
@@ -36,12 +52,27 @@ import qwen
 import rouge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+QWEN_CONFIGS = os.path.join(HERE, "assets/qwen2.5")  # the real Qwen2.5 config.json files (no weights)
+TOKENIZER = os.path.join(QWEN_CONFIGS, "tokenizer.json")
+ULTRACHAT = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl")
+
+USAGE = """python bench.py [NAME ...] [--out=FILE] [--demo_out=DIR] [--data_rows=N]
+       python bench.py --gpu [--out=FILE]
+NAME: forward generate loss liger rouge step compile data topk (default: all of them); topk reads the
+demo run in DIR (default out/, made by `python deltakd.py`) and is skipped without one"""
+
+Row = collections.namedtuple("Row", "what peer setting result")
 
 
-def timeit(fns, repeats=5):
+class Skipped(Exception):
+    """A bench that cannot run here (a missing optional peer, no demo run): says why, writes no row."""
+
+
+def timeit(fns, repeats=5, warmup=True):
     """{name: median seconds}; the candidates run interleaved so drift hits all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up
+    if warmup:
+        for fn in fns.values():
+            fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -49,6 +80,13 @@ def timeit(fns, repeats=5):
             fn()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def timed(fn):
+    # (seconds, result) of one call
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
 
 
 def hf_and_ours(cfg_kw, seed=0):
@@ -62,105 +100,99 @@ def hf_and_ours(cfg_kw, seed=0):
 
 MINI = dict(vocab_size=151936, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096)
+HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+
+
+def arch(config_json, **override):
+    # the transformers Qwen2Config arguments of a config.json
+    cfg = json.load(open(config_json))
+    return {**{k: cfg[k] for k in HF_KEYS if k in cfg}, **override}
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
 
 
 def bench_forward():
-    lines = []
+    rows = []
     hf, ours = hf_and_ours(MINI)
     x = torch.randint(0, 151665, (4, 256))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() < 1e-4
         t = timeit({"transformers": lambda: hf(x).logits, "deltakd": lambda: ours(x)}, repeats=5)
-    lines.append(f"forward (B=4, T=256, fp32, {qwen.num_parameters(ours) / 1e6:.0f}M params): transformers "
-                 f"{x.numel() / t['transformers']:.0f} tok/s, deltakd {x.numel() / t['deltakd']:.0f} tok/s -> "
-                 f"{t['transformers'] / t['deltakd']:.2f}x")
+    rows.append(Row("model forward", "transformers `Qwen2ForCausalLM`, same weights",
+                    f"{qwen.num_parameters(ours) / 1e6:.0f}M params (vocab {MINI['vocab_size']:,}), fp32, batch "
+                    f"{x.shape[0]} × {x.shape[1]}; median of 5",
+                    f"{x.numel() / t['deltakd']:.0f} vs {x.numel() / t['transformers']:.0f} tok/s: "
+                    f"**{t['transformers'] / t['deltakd']:.2f}x** the speed"))
     # a real Qwen2.5-0.5B shape (random weights from the bundled config), full logits, 1 x 512
-    cfg = json.load(open(os.path.join(HERE, "assets/qwen2.5/Qwen2.5-0.5B/config.json")))
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
-    hf, ours = hf_and_ours({k: cfg[k] for k in keep})
+    hf, ours = hf_and_ours(arch(os.path.join(QWEN_CONFIGS, "Qwen2.5-0.5B/config.json")))
     x = torch.randint(0, 151665, (1, 512))
     for dtype in (torch.float32, torch.bfloat16):
         hf, ours = hf.to(dtype), ours.to(dtype)
         with torch.no_grad():
             t = timeit({"transformers": lambda: hf(x).logits, "deltakd": lambda: ours(x)}, repeats=7)
-        lines.append(f"forward Qwen2.5-0.5B shape ({qwen.num_parameters(ours) / 1e6:.0f}M params, 1 x 512, "
-                     f"{str(dtype)[6:]}, full logits): transformers {t['transformers'] * 1e3:.0f} ms, deltakd "
-                     f"{t['deltakd'] * 1e3:.0f} ms -> {t['transformers'] / t['deltakd']:.2f}x")
-    return "\n".join(lines)
-
-
-def bench_compile():
-    """--compile on this CPU: the student step (256 wide x 4 layers, vocab 151,936, batch 4 x 256, SFT
-    through the chunked loss) compiled vs eager: compile time and steady step time."""
-    c = qwen.QwenConfig(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=2)
-    student = qwen.init_weights(qwen.Qwen(c)).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    ids = torch.randint(0, 151665, (4, 256), generator=torch.Generator().manual_seed(0))
-    spec = deltakd.LossSpec(vocab=151665, lam=1.0)
-    compiled = torch.compile(student)
-
-    def step(model):
-        loss, _, _, n = deltakd.forward_loss(model, student, ids, ids, None, spec)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    step(compiled)
-    first = time.perf_counter() - t0
-    t = timeit({"eager": lambda: step(student), "compiled": lambda: step(compiled)}, repeats=3)
-    return (f"compile (student 256x4, batch 4x256, SFT step, CPU): first compiled step {first:.1f}s; steady "
-            f"eager {t['eager']:.2f}s, compiled {t['compiled']:.2f}s -> {t['eager'] / t['compiled']:.2f}x")
-
-
-# the demo's teacher: small enough that per-step overhead, not reading weights, sets the speed
-DEMO_TEACHER = dict(vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096,
-                    **deltakd.DEMO["teacher"])
+        rows.append(Row("model forward, real size", "transformers `Qwen2ForCausalLM`, same weights",
+                        f"Qwen2.5-0.5B shape ({qwen.num_parameters(ours) / 1e6:.0f}M params, random weights), "
+                        f"{x.shape[0]} × {x.shape[1]}, {dtype_name(dtype)}, full logits; median of 7",
+                        f"{t['deltakd'] * 1e3:.0f} vs {t['transformers'] * 1e3:.0f} ms: "
+                        f"**{t['transformers'] / t['deltakd']:.2f}x** the speed"))
+    return rows
 
 
 def bench_generate():
-    lines = []
+    rows = []
+    demo_teacher = arch(os.path.join(deltakd.demo_raw_model(deltakd.DEMO.raw_models, deltakd.Config().seed, "teacher"),
+                                     "config.json"), max_position_embeddings=4096)
+    batch, new, lengths = 8, 128, (16, 23, 31, 40, 48, 55, 60, 64)
     # bf16 is how Qwen checkpoints ship; at 108M on 2 cores both sides wait on the lm_head GEMV
-    for name, arch, dtype in [("demo teacher", DEMO_TEACHER, torch.float32), ("mini", MINI, torch.bfloat16),
-                              ("mini", MINI, torch.float32)]:
-        hf, ours = hf_and_ours(arch)
+    for name, cfg, dtype in [("the demo's raw teacher", demo_teacher, torch.float32), ("mini", MINI, torch.bfloat16),
+                             ("mini", MINI, torch.float32)]:
+        hf, ours = hf_and_ours(cfg)
         hf, ours = hf.to(dtype), ours.to(dtype)
         g = torch.Generator().manual_seed(0)
-        V = min(arch["vocab_size"], 151665)
-        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (16, 23, 31, 40, 48, 55, 60, 64)]
+        V = min(cfg["vocab_size"], 151665)
+        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
         P = max(map(len, prompts))
-        ids = torch.zeros(8, P, dtype=torch.long)
+        ids = torch.zeros(batch, P, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
         eos, out = V - 1, {}
 
         def run_hf():
-            out["hf"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=128, do_sample=False,
+            out["hf"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                     eos_token_id=eos, pad_token_id=0)[:, P:].tolist()
 
         def run_ours():
-            out["ours"] = ours.generate(prompts, 128, eos_token_id=eos, vocab_limit=V)
+            out["ours"] = ours.generate(prompts, new, eos_token_id=eos, vocab_limit=V)
         with torch.no_grad():
             t = timeit({"transformers": run_hf, "deltakd": run_ours}, repeats=3)
         rate_hf = sum(len(r) for r in out["hf"]) / t["transformers"]
         rate = sum(len(r) for r in out["ours"]) / t["deltakd"]
         same = sum(o == h[:len(o)] for o, h in zip(out["ours"], out["hf"]))
-        lines.append(f"generate {name} {qwen.num_parameters(ours) / 1e6:.1f}M params {str(dtype)[6:]} (greedy, batch 8, "
-                     f"128 new tokens, prompts 16-64 tokens): transformers {rate_hf:.0f} tok/s, deltakd "
-                     f"{rate:.0f} tok/s -> {rate / rate_hf:.2f}x ({same}/8 sequences identical)")
-    return "\n".join(lines)
+        rows.append(Row("generation", "transformers `generate`, same weights",
+                        f"{name} ({qwen.num_parameters(ours) / 1e6:.1f}M params), {dtype_name(dtype)}, greedy, batch "
+                        f"{batch}, {new} new tokens, prompts of {min(lengths)}-{max(lengths)} tokens; median of 3",
+                        f"{rate:.0f} vs {rate_hf:.0f} tok/s: **{rate / rate_hf:.2f}x** the speed "
+                        f"({same} of {batch} sequences identical)"))
+    return rows
 
 
-def loss_inputs(N, method, C=1536, V=151665, Vm=151936, Vt=152064, seed=0):
+LOSS = dict(C=1536, V=151665, Vm=151936, Vt=152064, chunk=512)
+
+
+def loss_inputs(N, method, seed=0):
+    C, V, Vm, Vt = LOSS["C"], LOSS["V"], LOSS["Vm"], LOSS["Vt"]
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(1, N + 1, C, generator=g) * 0.5
     W = torch.randn(Vm, C, generator=g) * 0.05
     labels = torch.randint(0, V, (1, N + 1), generator=g)  # every position after the first supervised
+    spec = deltakd.LossSpec(vocab=V, method=method, lam=0.5, alpha=1.0, temperature=1.0, chunk_size=LOSS["chunk"])
     teachers = {role: (torch.randn(1, N + 1, C, generator=g) * 0.5, torch.randn(Vt, C, generator=g) * 0.05)
-                for role in deltakd.METHODS[method].frozen}
-    return h, W, labels, teachers, deltakd.LossSpec(vocab=V, lam=0.5, alpha=1.0, temperature=1.0, chunk_size=512)
+                for role in spec.weights}
+    return h, W, labels, teachers, spec
 
 
 def loss_step(h, W, labels, teachers, spec):
@@ -199,7 +231,7 @@ def loss_child(impl, method, N):
     print(json.dumps({"peak_gib": (vm_hwm() - base) / 2**30}))
 
 
-def child_peak(impl, method, N, limit_gib=20):
+def child_peak(impl, method, N, limit_gib):
     env = dict(os.environ, BENCH_MEM_LIMIT=str(limit_gib * 2**30))
     r = subprocess.run([sys.executable, __file__, "_loss_child", impl, method, str(N)], cwd=HERE, env=env,
                        capture_output=True, text=True)
@@ -209,25 +241,32 @@ def child_peak(impl, method, N, limit_gib=20):
 
 
 def bench_loss():
-    lines = []
-    for method in ("fkl", "delta"):
-        N = 1024
+    rows, N, sizes, limit = [], 1024, (1024, 4096), 20
+    shape = f"V {LOSS['Vm']:,}, C {LOSS['C']:,}, fp32, forward + backward, λ = 0.5"
+    for method, name in (("fkl", "forward KL"), ("delta", f"Delta-KD ({len(deltakd.LossSpec(LOSS['V'], method='delta').weights)} frozen heads)")):
         h, W, labels, teachers, spec = loss_inputs(N, method)
         a = loss_step(h, W, labels, teachers, replace(spec, impl="chunked"))
         b = loss_step(h, W, labels, teachers, replace(spec, impl="dense"))
         assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
         t = timeit({"dense": lambda: loss_step(h, W, labels, teachers, replace(spec, impl="dense")),
                     "chunked": lambda: loss_step(h, W, labels, teachers, replace(spec, impl="chunked"))}, repeats=2)
-        mem = {(impl, n): child_peak(impl, method, n) for impl in ("chunked", "dense") for n in (1024, 4096)}
-        fmt = lambda m: "does not fit (>20 GiB)" if m.get("oom") else f"{m['peak_gib']:.2f} GiB"  # noqa: E731
-        lines.append(f"loss {method} (V 151,936, C 1,536, fp32): time at {N} tokens dense {t['dense']:.1f}s, "
-                     f"chunked {t['chunked']:.1f}s -> chunked/dense {t['chunked'] / t['dense']:.2f}x; peak memory "
-                     + "; ".join(f"{n} tokens dense {fmt(mem['dense', n])} chunked {fmt(mem['chunked', n])}"
-                                 for n in (1024, 4096)))
-        d, c = mem["dense", 1024], mem["chunked", 1024]
-        if not d.get("oom"):
-            lines[-1] += f" (chunked/dense at 1024: {c['peak_gib'] / d['peak_gib']:.2f})"
-    return "\n".join(lines)
+        rows.append(Row("KD loss, time", "dense loss (full logits, autograd)", f"{name}, {shape}, {N:,} tokens; "
+                        "median of 2", f"{t['chunked']:.1f} vs {t['dense']:.1f} s: chunked takes "
+                        f"**{t['chunked'] / t['dense']:.2f}x** the time (losses equal within 1e-5)"))
+        mem = {(impl, n): child_peak(impl, method, n, limit) for impl in ("chunked", "dense") for n in sizes}
+
+        def fmt(m):
+            return f"does not fit under a {limit} GiB cap" if m.get("oom") else f"{m['peak_gib']:.2f} GiB"
+
+        def ratio(n):
+            c, d = mem["chunked", n], mem["dense", n]
+            if c.get("oom") or d.get("oom"):
+                return f" (**< {c['peak_gib'] / limit:.2f}x**)" if not c.get("oom") else ""
+            return f" (**{c['peak_gib'] / d['peak_gib']:.2f}x**)"
+        rows.append(Row("KD loss, peak memory", "dense loss", f"{name}, {shape}, " + " / ".join(f"{n:,}" for n in sizes)
+                        + " tokens; peak RSS above the inputs, each in its own process",
+                        " / ".join(f"{fmt(mem['chunked', n])} vs {fmt(mem['dense', n])}{ratio(n)}" for n in sizes)))
+    return rows
 
 
 def bench_liger():
@@ -235,22 +274,25 @@ def bench_liger():
     term as the SFT term) from hidden states, forward + backward, same inputs, eager vs eager and
     torch.compile vs torch.compile; Delta-KD (three frozen heads, no peer has it) beside them."""
     try:
+        from importlib.metadata import version
+
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except ImportError:
-        return ("liger: Liger-Kernel is not installed; `pip install -e '.[bench]'` (liger-kernel, which runs on "
-                "CPU too) and rerun `python bench.py liger`")
+        raise Skipped("Liger-Kernel is not installed; `pip install -e '.[bench]'` (liger-kernel, which runs on "
+                      "CPU too) and rerun `python bench.py liger`") from None
+    peer = f"Liger-Kernel {version('liger-kernel')} `LigerFusedLinearJSDLoss(beta=0)`"
     N, C, V, chunk = 1024, 1536, 151936, 512
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(N, C, generator=g) * 0.5).requires_grad_()
     W = (torch.randn(V, C, generator=g) * 0.02).requires_grad_()
     frozen = {r: (torch.randn(N, C, generator=g) * 0.5, torch.randn(V, C, generator=g) * 0.02)
-              for r in ("teacher_ft", "teacher_raw", "student_raw")}
+              for r in deltakd.LossSpec(V, method="delta").weights}
     y = torch.randint(0, V, (N,), generator=g)
     ht, Wt = frozen["teacher_ft"]
 
-    def ours(lam, compiled, roles=("teacher_ft",)):
-        spec = deltakd.LossSpec(vocab=V, lam=lam, alpha=1.0, chunk_size=chunk, compile=compiled)
-        loss = deltakd.ChunkedDistillLoss.apply(h, W, y, {r: frozen[r] for r in roles}, spec)[0] / N
+    def ours(lam, compiled, method="fkl"):
+        spec = deltakd.LossSpec(vocab=V, method=method, lam=lam, alpha=1.0, chunk_size=chunk, compile=compiled)
+        loss = deltakd.ChunkedDistillLoss.apply(h, W, y, {r: frozen[r] for r in spec.weights}, spec)[0] / N
         loss.backward()
         return loss
 
@@ -274,7 +316,7 @@ def bench_liger():
             runs[lam, compiled, "deltakd"] = lambda lam=lam, c=compiled: ours(lam, c)
         runs[lam, True, "liger, its default 1024-row chunks"] = lambda lam=lam: liger(lam, True, 1024)
         for compiled in (False, True):
-            runs[lam, compiled, "deltakd Delta-KD"] = lambda lam=lam, c=compiled: ours(lam, c, tuple(frozen))
+            runs[lam, compiled, "deltakd Delta-KD"] = lambda lam=lam, c=compiled: ours(lam, c, "delta")
     ref = {}
     for (lam, compiled, name), fn in runs.items():  # warm-up (compiles, first touch), checking equal results
         loss = measured(fn)[2]
@@ -284,44 +326,51 @@ def bench_liger():
             assert math.isclose(loss, ref["loss"], rel_tol=1e-5), (name, loss, ref["loss"])  # the same loss ...
             assert all((u - v).abs().max() <= 1e-5 * v.abs().max() for u, v in zip((h.grad, W.grad), ref["grads"]))
     del ref
+    repeats = 3
     times, peaks = {k: [] for k in runs}, {k: [] for k in runs}
-    for _ in range(3):  # interleaved: drift hits every candidate alike
+    for _ in range(repeats):  # interleaved: drift hits every candidate alike
         for k, fn in runs.items():
             t, peak, _ = measured(fn)
             times[k].append(t)
             peaks[k].append(peak)
-    lines = [f"liger (forward KL from hidden states + backward, N {N:,}, C {C:,}, V {V:,}, fp32, {chunk}-row chunks "
-             f"unless said; median of 3 after a warm-up; peak RSS above the inputs; same losses within 1e-5, "
-             f"same gradients within 1e-5 of the largest):"]
+    setting = (f"forward KL from hidden states + backward, N {N:,}, C {C:,}, V {V:,}, fp32, {chunk}-row chunks "
+               f"unless said, λ = {{lam}}; same losses within 1e-5, same gradients within 1e-5 of the largest; "
+               f"median of {repeats} after a warm-up; peak RSS above the inputs")
+    rows = []
     for (lam, compiled, name) in runs:
         t, peak = statistics.median(times[lam, compiled, name]), max(peaks[lam, compiled, name])
-        line = f"  lam {lam} {'compiled' if compiled else 'eager   '} {name}: {t:.2f}s, peak {peak:.2f} GiB"
+        mode = "compiled" if compiled else "eager"
         if name == "deltakd":
             t_l, p_l = statistics.median(times[lam, compiled, "liger"]), max(peaks[lam, compiled, "liger"])
-            line += f" -> {t / t_l:.2f}x Liger's time, {peak / p_l:.2f}x its peak memory"
-        lines.append(line)
+            rows.append(Row(f"KD loss vs Liger-Kernel, {mode}", f"{peer}, compiled={compiled}", setting.format(lam=lam),
+                            f"{t:.2f} vs {t_l:.2f} s: **{t / t_l:.2f}x** the time; peak {peak:.2f} vs {p_l:.2f} GiB: "
+                            f"**{peak / p_l:.2f}x**"))
+        elif name != "liger":
+            rows.append(Row(f"{name}, {mode}", "—", setting.format(lam=lam), f"{t:.2f} s, peak {peak:.2f} GiB"))
     # Delta-KD's three heads: one buffer and three GEMMs (addmm) vs one GEMM over stacked hidden states and heads
-    rows = slice(0, chunk)
-    spec = deltakd.LossSpec(vocab=V, alpha=1.0)
-    live = {r: (x[rows], w) for r, (x, w) in frozen.items()}
+    rows_ = slice(0, chunk)
+    spec = deltakd.LossSpec(vocab=V, method="delta", alpha=1.0)
+    live = {r: (x[rows_], w) for r, (x, w) in frozen.items()}
     out = torch.empty(chunk, V)
     stacked_w = torch.cat([frozen[r][1] for r in ("teacher_ft", "student_raw", "teacher_raw")], 1)
-    stacked_h = torch.cat([frozen["teacher_ft"][0][rows], frozen["student_raw"][0][rows],
-                           -frozen["teacher_raw"][0][rows]], 1)
+    stacked_h = torch.cat([frozen["teacher_ft"][0][rows_], frozen["student_raw"][0][rows_],
+                           -frozen["teacher_raw"][0][rows_]], 1)
     tt = timeit({"addmm": lambda: deltakd.chunk_target(live, 0, chunk, spec, out),
                  "stacked": lambda: torch.mm(stacked_h, stacked_w.T, out=out)}, repeats=3)
-    lines.append(f"  Delta-KD target, {chunk} rows: three addmm into one buffer {tt['addmm']:.2f}s, one GEMM over "
-                 f"stacked hidden states and heads {tt['stacked']:.2f}s (+{stacked_w.numel() * 4 / 2**30:.1f} GiB "
-                 f"for the stacked heads)")
-    return "\n".join(lines)
+    rows.append(Row("Delta-KD target, three heads", "one GEMM over stacked hidden states and stacked heads",
+                    f"{chunk} rows, V {V:,}, C {C:,}, fp32; median of 3",
+                    f"three `addmm` into one buffer {tt['addmm']:.2f} s vs {tt['stacked']:.2f} s; stacking copies "
+                    f"the heads (+{stacked_w.numel() * 4 / 2**30:.1f} GiB)"))
+    return rows
 
 
 def bench_rouge():
     from rouge_score import rouge_scorer
-    rows = data.read_rows(os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl"))
+    rows = data.read_rows(ULTRACHAT)
     answers = [m["content"] for r in rows for m in data.to_messages(r) if m["role"] == "assistant"]
     long = [a for a in answers if len(rouge.tokenize(a, False)) >= 150]  # multi-paragraph answers
-    pairs = [(long[i % len(long)], long[(i + 1 + i // len(long)) % len(long)]) for i in range(1000)]
+    n = 1000
+    pairs = [(long[i % len(long)], long[(i + 1 + i // len(long)) % len(long)]) for i in range(n)]
     types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     oracle, ours = rouge_scorer.RougeScorer(types, use_stemmer=True), rouge.RougeScorer(types, use_stemmer=True)
     t0 = time.perf_counter()
@@ -332,102 +381,206 @@ def bench_rouge():
     t2 = time.perf_counter()
     assert all(tuple(g[k]) == tuple(w[k]) for g, w in zip(got, want) for k in types)
     n_tok = statistics.mean(len(rouge.tokenize(a, False)) for a, _ in pairs)
-    return (f"rouge (1,000 real answer pairs, mean {n_tok:.0f} tokens, 4 types, stemmed, identical numbers): "
-            f"rouge-score {t1 - t0:.2f}s, deltakd {t2 - t1:.2f}s -> {(t1 - t0) / (t2 - t1):.1f}x")
+    from importlib.metadata import version
+    return [Row("ROUGE", f"rouge-score {version('rouge-score')}",
+                f"{n:,} pairs of real Ultrachat answers (mean {n_tok:.0f} tokens), {len(types)} types, stemmed; "
+                "numbers asserted identical", f"{t2 - t1:.2f} vs {t1 - t0:.2f} s: **{(t1 - t0) / (t2 - t1):.1f}x** the speed")]
+
+# -----------------------------------------------------------------------------
+# training steps: deltakd's own runs, built as train() builds them, and deltakd.train_step itself timed
 
 
-def bench_step():
-    """SFT step vs Delta-KD step with the three frozen models live vs with stored top-k targets, same
-    student and batch; and the one-off target pass (time, bytes per supervised token)."""
-    path = tempfile.mkdtemp()
-    arch = dict(intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
-    for name, hidden, vocab, seed in [("student", 256, 151936, 0), ("teacher_ft", 512, 152064, 1),
-                                      ("teacher_raw", 512, 152064, 2)]:
-        c = qwen.QwenConfig(vocab_size=vocab, hidden_size=hidden, tie_word_embeddings=name == "student", **arch)
-        qwen.init_weights(qwen.Qwen(c), seed=seed).save_pretrained(os.path.join(path, name))
-    student = qwen.Qwen.from_pretrained(os.path.join(path, "student")).train()
-    cfg = deltakd.Config(student=os.path.join(path, "student"), teacher_ft=os.path.join(path, "teacher_ft"),
-                         teacher_raw=os.path.join(path, "teacher_raw"), teacher_dtype="float32", topk=64)
-    frozen = deltakd.load_frozen(cfg, torch.device("cpu"))
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 151665, (4, 256), generator=g)
-    labels = ids.clone()
-    labels[:, :64] = data.IGNORE_INDEX  # a prompt
-    spec = deltakd.LossSpec(vocab=151665, lam=0.5)
-    # the stored target of this batch, as the target pass computes it (top-64, float16 storage)
-    t0 = time.perf_counter()
-    mask, _ = deltakd.shift_labels(labels)
-    live = {r: (h[:, :-1][mask], w) for r, (h, w) in deltakd.frozen_target(frozen, ids).items()}
-    with torch.no_grad():
-        st = deltakd.topk_target(deltakd.chunk_target(live, 0, 10**9, spec), 64)
-    t_pass = time.perf_counter() - t0
-    st = deltakd.StoredTarget(st.ids, st.logp.half().float(), st.log_rest)
-    bytes_per_token = 64 * (4 + 2) + 4
+def long_conversations(n, min_tokens, first_turn_max=48):
+    """n conversations from the bundled Ultrachat sample, each longer than min_tokens (the turns of consecutive
+    rows chained into one multi-turn conversation) and opening with a user turn of at most first_turn_max
+    tokens: truncated to max_len = min_tokens, every example is full and mostly supervised."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(TOKENIZER)
+    convs = [data.to_messages(r) for r in data.read_rows(ULTRACHAT)]
 
-    def step(target, lam):
-        loss, _, _, n = deltakd.forward_loss(student, student, ids, labels, target, replace(spec, lam=lam))
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    t = timeit({"sft": lambda: step(None, 1.0), "live": lambda: step(deltakd.frozen_target(frozen, ids), 0.5),
-                "stored": lambda: step(st, 0.5)}, repeats=3)
-    n_sup = int(mask.sum())
-    return (f"train step (student 256x4, teachers 512x4, batch 4x256, fp32): SFT {t['sft']:.2f}s, Delta-KD live "
-            f"{t['live']:.2f}s ({t['live'] / t['sft']:.2f}x SFT), Delta-KD stored top-64 {t['stored']:.2f}s "
-            f"({t['stored'] / t['sft']:.2f}x SFT); target pass {n_sup / t_pass:.0f} supervised tokens/s, "
-            f"{bytes_per_token} bytes per supervised token")
+    def tokens(msgs):
+        return sum(len(e.ids) for e in tok.encode_batch([m["content"] for m in msgs], add_special_tokens=False))
+    out = []
+    for i, first in enumerate(convs):
+        if tokens(first[:1]) > first_turn_max:
+            continue
+        msgs, j = list(first), i
+        while tokens(msgs) <= min_tokens:
+            j = (j + 1) % len(convs)
+            msgs += convs[j]
+        out.append({"messages": msgs})
+        if len(out) == n:
+            return out
+    raise RuntimeError(f"{ULTRACHAT}: fewer than {n} conversations open with a short user turn")
 
 
-def data_child(mode, path, n_rows):
-    """Runs in its own process: 'today' (read_rows + encode_rows, the in-memory path), 'build' (token
-    cache from scratch), 'warm' (a run that finds the cache, to its first optimizer step)."""
+def step_files(root, models, batch, max_len):
+    """Into root: a checkpoint per role (models {role: model}) and a training file of `batch` conversations
+    that fill max_len; returns the flags every run of them shares (one token cache for all)."""
+    for role, model in models.items():
+        model.save_pretrained(os.path.join(root, role))
+    with open(os.path.join(root, "train.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in long_conversations(batch, max_len))
+    return ([f"--{role}={os.path.join(root, role)}" for role in models]
+            + [f"--tokenizer={TOKENIZER}", f"--train_data={os.path.join(root, 'train.jsonl')}", "--eval_size=0",
+               f"--max_len={max_len}", f"--batch_size={batch}", f"--cache_dir={os.path.join(root, 'cache')}",
+               "--quiet=true"])
+
+
+class StepRun(collections.namedtuple("StepRun", "run student target micro target_seconds")):
+    """A real run up to its first step, and the step: deltakd.train_step on the run's one micro-batch."""
+
+    def step(self):
+        return deltakd.train_step(self.run, self.student, self.target, self.micro, 0, 10**6)
+
+
+def step_run(root, name, flags, target=None):
+    """The run of these flags as deltakd.train() sets it up: the Config (parse_args), deltakd.start (input
+    checks, seeds), the token cache (load_data), the loss's target (load_target: the frozen models, or
+    the target pass into --targets_dir, or none for SFT; timed), the student (build_student); its one
+    micro-batch is every example of the training file, each max_len long. target: a deltakd.Target to
+    use instead of load_target's (the GPU bench's random-weight 7B models, never written to disk)."""
+    run = deltakd.start(deltakd.parse_args(flags + [f"--out_dir={os.path.join(root, 'runs', name)}"]))
+    cache, train_idx, _ = deltakd.load_data(run)
+    lengths = cache.lengths[train_idx]
+    if not (lengths == run.cfg.max_len).all():
+        raise RuntimeError(f"bench examples of {lengths.tolist()} tokens, expected every one {run.cfg.max_len}")
+    seconds = 0.0
+    if target is None:
+        seconds, target = timed(lambda: deltakd.load_target(run, cache))
+    student = deltakd.build_student(run)
+    student.model.train()
+    return StepRun(run, student, target, deltakd.micro_batches(run, cache, [train_idx]), seconds)
+
+
+def step_models(roles=("student", "teacher_ft", "teacher_raw")):
+    """The step bench's models, as in docs/benchmarks.md: a student 256 wide x 4 layers (vocab 151,936, tied)
+    and two teachers 512 x 4 (vocab 152,064); random weights (seeds 0, 1, 2)."""
+    layers = dict(intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    shapes = {"student": (256, 151936, True), "teacher_ft": (512, 152064, False), "teacher_raw": (512, 152064, False)}
+    return {role: qwen.init_weights(qwen.Qwen(qwen.QwenConfig(vocab_size=v, hidden_size=c, tie_word_embeddings=tied,
+                                                              **layers)), seed=i)
+            for i, (role, (c, v, tied)) in enumerate(shapes.items()) if role in roles}
+
+
+def describe(models, batch, max_len, n_supervised):
+    s = models["student"].config
+    teachers = [m.config for r, m in models.items() if r != "student"]
+    t = teachers[0]
+    return (f"student {s.hidden_size} wide × {s.num_hidden_layers} layers (vocab {s.vocab_size:,}), {len(teachers)} "
+            f"teachers {t.hidden_size} × {t.num_hidden_layers} (vocab {t.vocab_size:,}) + the raw student as Delta-KD's "
+            f"third frozen model, fp32, batch {batch} × {max_len} ({n_supervised:,} supervised tokens)")
+
+
+def bench_step(batch=4, max_len=256, repeats=5):
+    """deltakd.train_step of an SFT run, a Delta-KD run with its three frozen models live and one with stored
+    top-64 targets (the target pass into a temporary --targets_dir), same student and batch, interleaved."""
+    root = tempfile.mkdtemp(prefix="bench-step-")
+    try:
+        models = step_models()
+        flags = step_files(root, models, batch, max_len)
+        delta = ["--method=delta", "--lam=0.5", "--alpha=1", "--teacher_dtype=float32"]
+        topk = 64
+        runs = {"sft": step_run(root, "sft", flags + ["--method=sft"]),
+                "live": step_run(root, "live", flags + delta),
+                "stored": step_run(root, "stored", flags + delta + [f"--targets_dir={os.path.join(root, 'targets')}",
+                                                                    f"--topk={topk}", "--targets_dtype=float16"])}
+        recs = {k: r.step() for k, r in runs.items()}  # the warm-up step of each
+        t = timeit({k: r.step for k, r in runs.items()}, repeats=repeats, warmup=False)
+        n_sup = int(recs["sft"]["supervised_tokens"])
+        stored = runs["stored"]
+        on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(stored.run.cfg.targets_dir)
+                      for f in fs if f.endswith(".bin"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    setting = (f"`deltakd.train_step` (global token normalisation, clipping, finiteness checks); "
+               f"{describe(models, batch, max_len, n_sup)}; median of {repeats} interleaved steps")
+    peer = "the SFT step of the same student and batch (`--method=sft`)"
+    return [Row("training step, Delta-KD, frozen models live", peer, setting,
+                f"{t['live']:.2f} vs {t['sft']:.2f} s: **{t['live'] / t['sft']:.2f}x** the time"),
+            Row("training step, Delta-KD, stored targets", peer,
+                setting + f"; target stored as top-{topk} (float16) + rest mass",
+                f"{t['stored']:.2f} vs {t['sft']:.2f} s: **{t['stored'] / t['sft']:.2f}x** the time"),
+            Row("target pass (once per run)", "—", f"`load_target` with `--targets_dir`: the frozen models loaded "
+                f"and run once over the same {batch} examples, top-{topk} float16",
+                f"{n_sup:,} supervised tokens in {stored.target_seconds:.1f} s ({n_sup / stored.target_seconds:.0f} "
+                f"tokens/s, loading included); {on_disk / n_sup:.0f} bytes per supervised token on disk")]
+
+
+def bench_compile(batch=4, max_len=256, repeats=3):
+    """--compile=true on this CPU: deltakd.train_step of an SFT run (the same student and batch as bench
+    step) compiled vs eager: the first compiled step (compilation) and the steady step time."""
+    root = tempfile.mkdtemp(prefix="bench-compile-")
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")  # a cold cache: the first step compiles
+    try:
+        models = step_models(["student"])
+        flags = step_files(root, models, batch, max_len) + ["--method=sft"]
+        runs = {"eager": step_run(root, "eager", flags), "compiled": step_run(root, "compiled", flags + ["--compile=true"])}
+        first = {k: timed(r.step) for k, r in runs.items()}  # (seconds, the step's record)
+        t = timeit({k: r.step for k, r in runs.items()}, repeats=repeats, warmup=False)
+        n_sup = int(first["eager"][1]["supervised_tokens"])
+    finally:
+        if cache is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        shutil.rmtree(root, ignore_errors=True)
+    s = models["student"].config
+    return [Row("`--compile=true`", "the eager run, otherwise the same",
+                f"`deltakd.train_step`, SFT, student {s.hidden_size} × {s.num_hidden_layers} (vocab {s.vocab_size:,}), "
+                f"batch {batch} × {max_len} ({n_sup:,} supervised tokens), fp32, CPU; median of {repeats} interleaved "
+                "steps after the first",
+                f"first step {first['compiled'][0]:.1f} s compiled (compilation, cold cache) vs {first['eager'][0]:.1f} s; steady "
+                f"{t['compiled']:.2f} vs {t['eager']:.2f} s: **{t['eager'] / t['compiled']:.2f}x** the speed")]
+
+# -----------------------------------------------------------------------------
+# the data path
+
+
+def data_child(mode, root, path):
+    """Runs in its own process: 'today' (read_rows + encode_rows, the in-memory path), 'build' (the token
+    cache from scratch: deltakd.load_data of a run), 'warm' (a run that finds the cache, to its first
+    optimizer step: deltakd.train)."""
     from tokenizers import Tokenizer
     t0 = time.perf_counter()
-    tok_path = os.path.join(HERE, "assets/qwen2.5/tokenizer.json")
-    tok = Tokenizer.from_file(tok_path)
     out = {}
+    n_rows = sum(1 for _ in open(path))
+    flags = [f"--student={os.path.join(root, 'student')}", f"--tokenizer={TOKENIZER}", f"--train_data={path}",
+             f"--cache_dir={os.path.join(root, f'cache-{n_rows}')}", "--method=sft", "--max_len=1024", "--quiet=true"]
     if mode == "today":
-        examples, stats = data.encode_rows(data.read_rows(path), tok, 1024)
+        examples, stats = data.encode_rows(data.read_rows(path), Tokenizer.from_file(TOKENIZER), 1024)
         out["tokens"] = stats["tokens"]
     elif mode == "build":
-        cache_dir = os.path.join(os.path.dirname(path), f"cache-{n_rows}")
-        cfg = deltakd.Config(out_dir=cache_dir, cache_dir=cache_dir, max_len=1024, quiet=True)
-        cache = deltakd.token_cache(cfg, path, tok_path, tok, rank=0)
+        run = deltakd.start(deltakd.parse_args(flags + [f"--out_dir={os.path.join(root, f'run-build-{n_rows}')}",
+                                                        "--eval_size=0"]))
+        cache, _, _ = deltakd.load_data(run)
         out["tokens"] = int(len(cache.input_ids))
         out["bytes_per_token"] = sum(os.path.getsize(os.path.join(cache.path, f))
                                      for f in os.listdir(cache.path)) / out["tokens"]
     else:  # warm: the whole run up to and including optimizer step 1, on a tiny student
-        student = os.path.join(os.path.dirname(path), "student")
-        if not os.path.isdir(student):
-            c = qwen.QwenConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2)
-            qwen.init_weights(qwen.Qwen(c)).save_pretrained(student)
-        cache_dir = os.path.join(os.path.dirname(path), f"cache-{n_rows}")
-        cfg = deltakd.parse_args([f"--student={student}", f"--tokenizer={tok_path}", f"--train_data={path}",
-                                  f"--out_dir={cache_dir}/run", f"--cache_dir={cache_dir}", "--method=sft",
-                                  "--max_len=1024", "--max_steps=1", "--eval_size=64", "--eval_max_new_tokens=1",
-                                  "--batch_size=4", "--quiet=true"])
-        deltakd.train(cfg)
+        deltakd.train(deltakd.parse_args(flags + [f"--out_dir={os.path.join(root, f'run-warm-{n_rows}')}",
+                                                  "--max_steps=1", "--eval_size=64", "--eval_max_new_tokens=1",
+                                                  "--batch_size=4"]))
     out["seconds"] = time.perf_counter() - t0
     out["peak_gib"] = vm_hwm() / 2**30
     print(json.dumps(out))
 
 
-def run_data_child(mode, path, n_rows):
-    r = subprocess.run([sys.executable, __file__, "_data_child", mode, path, str(n_rows)], cwd=HERE,
+def run_data_child(mode, root, path):
+    r = subprocess.run([sys.executable, __file__, "_data_child", mode, root, path], cwd=HERE,
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def floor_ratio(lines, n_rows=20_000):
+def floor_ratio(lines, n_rows):
     """The build's speed as a share of the tokenizer's own encode_batch over the same pieces in one call,
-    measured side by side in this process (this machine's speed drifts by 30% over minutes)."""
+    measured side by side in this process (this machine's speed drifts by 30% over minutes):
+    (share, encode_batch tokens/s), median of 3."""
     from tokenizers import Tokenizer
-    tok_path = os.path.join(HERE, "assets/qwen2.5/tokenizer.json")
-    tok = Tokenizer.from_file(tok_path)
+    tok = Tokenizer.from_file(TOKENIZER)
     root = tempfile.mkdtemp(prefix="bench-floor-")
     path = os.path.join(root, "rows.jsonl")
     with open(path, "w") as f:
@@ -438,112 +591,132 @@ def floor_ratio(lines, n_rows=20_000):
         t0 = time.perf_counter()
         n = sum(len(e.ids) for e in tok.encode_batch(pieces, add_special_tokens=False))
         floor = time.perf_counter() - t0
-        key = dict(data.cache_key(path, tok_path, 1024, data.SYSTEM_PROMPT_BASE, 0, False), rep=rep)
+        key = dict(data.cache_key(path, TOKENIZER, 1024, data.SYSTEM_PROMPT_BASE, 0, False), rep=rep)
         t0 = time.perf_counter()
         stats = data.build_cache(path, tok, data.cache_dir_for(root, key), key, log=None)
         shares.append((floor / (time.perf_counter() - t0) * stats["tokens"] / n, n / floor))
     shutil.rmtree(root, ignore_errors=True)
-    share, rate = sorted(shares)[1]
-    return f"the build runs at {share:.0%} of encode_batch alone ({rate / 1e6:.2f}M tokens/s then; median of 3)"
+    return sorted(shares)[1]
 
 
-def bench_data():
-    """Today's in-memory path vs the token cache on Ultrachat-style files of 50,000 and 200,000 rows
-    (the bundled 1,000 conversations repeated; 200,000 rows = 95M tokens, a third of the real set)."""
-    src = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl")
-    lines = open(src).read().splitlines()
+def bench_data(n_rows=200_000):
+    """The in-memory path vs the token cache on Ultrachat-style files of n_rows / 4 and n_rows rows (the
+    bundled 1,000 conversations repeated; 200,000 rows are a third of the real set), each in its own process."""
+    lines = open(ULTRACHAT).read().splitlines()
     root = tempfile.mkdtemp(prefix="bench-data-")
-    paths = {}
-    for n in (50_000, 200_000):
-        paths[n] = os.path.join(root, f"ultrachat_{n}.jsonl")
-        with open(paths[n], "w") as f:
-            for i in range(n):
-                f.write(lines[i % len(lines)] + "\n")
-    ratio = floor_ratio(lines)
-    res = {("build", n): run_data_child("build", paths[n], n) for n in (50_000, 200_000)}
-    res["warm", 200_000] = run_data_child("warm", paths[200_000], 200_000)
-    res["today", 200_000] = run_data_child("today", paths[200_000], 200_000)
-    shutil.rmtree(root, ignore_errors=True)
-    b, o, w = res["build", 200_000], res["today", 200_000], res["warm", 200_000]
-    return "\n".join([
-        f"data, 200,000 rows ({b['tokens'] / 1e6:.0f}M tokens): today's read_rows + encode_rows {o['seconds']:.0f}s, "
-        f"peak RSS {o['peak_gib']:.2f} GiB; token cache build {b['seconds']:.0f}s, peak {b['peak_gib']:.2f} GiB "
-        f"({o['seconds'] / b['seconds']:.2f}x faster, {o['peak_gib'] / b['peak_gib']:.0f}x less memory)",
-        f"data, cache build at 50,000 vs 200,000 rows: peak {res['build', 50_000]['peak_gib']:.2f} vs "
-        f"{b['peak_gib']:.2f} GiB; {b['tokens'] / b['seconds'] / 1e6:.2f}M tokens/s; "
-        f"{b['bytes_per_token']:.2f} bytes per token on disk",
-        f"data, build vs the floor (20,000 rows, same process, interleaved): {ratio}",
-        f"data, a second run that finds the cache: first optimizer step after {w['seconds']:.1f}s "
-        f"(process start to step 1, tiny student, 64 held-out rows read back), peak {w['peak_gib']:.2f} GiB"])
+    try:
+        small, paths = n_rows // 4, {}
+        for n in (small, n_rows):
+            paths[n] = os.path.join(root, f"ultrachat_{n}.jsonl")
+            with open(paths[n], "w") as f:
+                f.writelines(lines[i % len(lines)] + "\n" for i in range(n))
+        c = qwen.QwenConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+        qwen.init_weights(qwen.Qwen(c)).save_pretrained(os.path.join(root, "student"))
+        floor_rows = min(20_000, n_rows)
+        share, rate = floor_ratio(lines, floor_rows)
+        res = {("build", n): run_data_child("build", root, paths[n]) for n in (small, n_rows)}
+        res["warm", n_rows] = run_data_child("warm", root, paths[n_rows])
+        res["today", n_rows] = run_data_child("today", root, paths[n_rows])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    b, o, w = res["build", n_rows], res["today", n_rows], res["warm", n_rows]
+    setting = f"{n_rows:,} Ultrachat-style rows ({b['tokens'] / 1e6:.0f}M tokens), max_len 1,024, each in its own process"
+    return [
+        Row("data path, time and memory", "the in-memory path (every row read, then encoded: `read_rows` + "
+            "`encode_rows`)", setting, f"token cache build (`load_data`) {b['seconds']:.0f} s, peak RSS "
+            f"**{b['peak_gib']:.2f} GiB**, vs {o['seconds']:.0f} s and **{o['peak_gib']:.2f} GiB** "
+            f"({o['seconds'] / b['seconds']:.2f}x faster, {o['peak_gib'] / b['peak_gib']:.0f}x less memory)"),
+        Row("data path, flat in rows", f"the same build at {small:,} rows", "peak RSS",
+            f"{res['build', small]['peak_gib']:.2f} GiB at {small:,} vs {b['peak_gib']:.2f} GiB at {n_rows:,} rows; "
+            f"{b['tokens'] / b['seconds'] / 1e6:.2f}M tokens/s; {b['bytes_per_token']:.2f} bytes per token on disk"),
+        Row("data path, tokenizer floor", "the tokenizer's own `encode_batch` alone (one call, all cores), same "
+            "pieces, same process, interleaved", f"{floor_rows:,} rows, median of 3",
+            f"the build runs at **{share:.0%}** of `encode_batch` alone ({rate / 1e6:.2f}M tokens/s then)"),
+        Row("data path, warm start", "—", "a second run that finds the cache, process start to optimizer step 1 "
+            "(tiny student, 64 held-out rows read back by seeking)", f"**{w['seconds']:.1f} s**, peak "
+            f"{w['peak_gib']:.2f} GiB")]
+
+# -----------------------------------------------------------------------------
+# stored targets: how far from the exact target
 
 
-def bench_topk(demo_dir="out"):
-    """How good is a top-K target? On the demo's models (run `python deltakd.py` first) and its task
-    data: mass outside the top K, relative error of the KD loss and cosine of the stored-target and
-    exact gradients w.r.t. the student's logits, for K in 8, 64, 256."""
-    from tokenizers import Tokenizer
-    need = ["teacher-ft", "task_train.jsonl", "task_eval.jsonl"]
-    if not all(os.path.exists(os.path.join(demo_dir, n)) for n in need):
-        return f"topk: skipped, run `python deltakd.py --out_dir={demo_dir}` first (needs {need})"
-    # the demo's seed-1337 models: its finetuned teacher, and the bundled raw models and tokenizer it started from
-    tok_path, raw = deltakd.demo_raw_models(deltakd.Config(out_dir=demo_dir), [1337])
-    paths = {"teacher_ft": deltakd.checkpoints(os.path.join(demo_dir, "teacher-ft"))[-1],
-             "teacher_raw": raw[1337][0], "student_raw": raw[1337][1]}
-    if open(os.path.join(paths["teacher_ft"], "tokenizer.json")).read() != open(tok_path).read():
-        return f"topk: skipped, {demo_dir}/ comes from an older demo (another tokenizer); run `python deltakd.py` again"
-    frozen = {r: qwen.Qwen.from_pretrained(p).eval() for r, p in paths.items()}
-    student = frozen["student_raw"]
-    tok = Tokenizer.from_file(tok_path)
-    examples, _ = data.encode_rows(data.read_rows(os.path.join(demo_dir, "task_train.jsonl"))[:64], tok, 192)
-    ids, labels, _ = data.collate(examples, tok.token_to_id("<|endoftext|>"))
-    spec = deltakd.LossSpec(vocab=tok.get_vocab_size(), lam=0.0)
-    mask, y = deltakd.shift_labels(labels)
-    live = {r: (h[:, :-1][mask], w) for r, (h, w) in deltakd.frozen_target(frozen, ids).items()}
-    with torch.no_grad():
-        target = deltakd.chunk_target(live, 0, 10**9, spec)
-        z = student(ids)[:, :-1][mask][:, :spec.vocab].float()
-    # chunk_loss overwrites its z and target buffers (workspace): every call gets copies
-    exact = deltakd.chunk_loss(z.clone(), y, target.clone(), spec)
-    lines = []
-    for k in (8, 64, 256):
-        st = deltakd.topk_target(target, k)
-        st = deltakd.StoredTarget(st.ids, st.logp.half().float(), st.log_rest)
-        got = deltakd.chunk_loss(z.clone(), y, st, spec)
-        rest = st.log_rest.exp()
-        cos = F_cos(got[3], exact[3])
-        lines.append(f"topk K={k}: mass outside top-K mean {rest.mean():.4f}, worst {rest.max():.4f}; KD loss "
-                     f"{got[2] / exact[2] - 1:+.2%} vs exact; gradient cosine {cos:.4f} "
-                     f"({len(y)} supervised tokens, Delta-KD target of the demo's models)")
-    # the demo's Delta-KD student trained both ways, same seed and data order
-    scores = {}
-    for name, extra in (("exact", {}), ("stored top-64", {"targets_dir": os.path.join(demo_dir, "bench-targets"),
-                                                          "topk": 64})):
-        out = os.path.join(demo_dir, "bench-delta-" + name.replace(" ", "-"))
-        shutil.rmtree(out, ignore_errors=True)
-        cfg = deltakd.Config(student=paths["student_raw"], teacher_ft=paths["teacher_ft"],
-                             teacher_raw=paths["teacher_raw"], method="delta",
-                             train_data=os.path.join(demo_dir, "task_train.jsonl"),
-                             eval_data=os.path.join(demo_dir, "task_eval.jsonl"), out_dir=out, quiet=True,
-                             tokenizer=tok_path, max_len=deltakd.DEMO["max_len"],
-                             eval_max_new_tokens=deltakd.DEMO["eval_max_new_tokens"], eval_batch_size=48,
-                             teacher_dtype="float32", cache_dir=os.path.join(demo_dir, "cache"),
-                             **deltakd.DEMO["distill"], **extra)
-        t0 = time.perf_counter()
-        scores[name] = (deltakd.train(cfg), time.perf_counter() - t0)
-    lines.append("demo Delta-KD student, greedy ROUGE-1/2/L: " + "; ".join(
-        f"{n} {s['rouge1']:.4f}/{s['rouge2']:.4f}/{s['rougeL']:.4f} ({t:.0f}s incl. the target pass)"
-        for n, (s, t) in scores.items()))
-    return "\n".join(lines)
+def demo_run_files(demo_out, seed):
+    """(finetuned teacher checkpoint, task_train.jsonl) of a demo run in demo_out (`python deltakd.py`, or
+    its --full_comparison=true, whose stages live under seed<N>/), or Skipped saying what is missing."""
+    train = os.path.join(demo_out, "task_train.jsonl")
+    for ft in (os.path.join(demo_out, "teacher-ft"), os.path.join(demo_out, f"seed{seed}", "teacher-ft")):
+        if os.path.isfile(train) and deltakd.checkpoints(ft):
+            return deltakd.checkpoints(ft)[-1], train
+    raise Skipped(f"{demo_out}/ holds no demo run (task_train.jsonl and a teacher-ft checkpoint); run "
+                  f"`python deltakd.py --out_dir={demo_out}` first, or pass --demo_out=DIR")
 
 
-def F_cos(a, b):
+def bench_topk(demo_out="out", ks=(8, 16, 64, 256), n_examples=64, targets_dtype="float16"):
+    """How good is a stored top-K target? On a demo run's models (seed 1337: the bundled raw teacher and
+    student, and the run's finetuned teacher) and its first n_examples training problems: each K's store
+    made by the target pass itself (load_target with --targets_dir) against the exact Delta-KD target of
+    the frozen models live, both seen by the raw student (the student at step 0): mass outside the top
+    K, relative error of the KD loss, cosine of the two gradients w.r.t. the student's logits. A raw
+    teacher would not do as a stand-in for the finetuned one: at alpha = 1 the target z_ft + z_s^raw -
+    z_t^raw would then be the raw student's own logits, and no teacher would be in it."""
+    seed = deltakd.Config().seed
+    teacher_ft, train = demo_run_files(demo_out, seed)
+    raw = deltakd.DEMO.raw_models
+    tok_path = os.path.join(raw, "tokenizer.json")
+    if open(os.path.join(teacher_ft, "tokenizer.json")).read() != open(tok_path).read():
+        raise Skipped(f"{demo_out}/ comes from an older demo (another tokenizer); run `python deltakd.py` again")
+    root = tempfile.mkdtemp(prefix="bench-topk-")
+    try:
+        flags = [f"--student={deltakd.demo_raw_model(raw, seed, 'student')}", f"--teacher_ft={teacher_ft}",
+                 f"--teacher_raw={deltakd.demo_raw_model(raw, seed, 'teacher')}", "--method=delta", "--alpha=1",
+                 f"--train_data={train}", f"--max_rows={n_examples}", "--eval_size=0", f"--tokenizer={tok_path}",
+                 f"--max_len={deltakd.DEMO.max_len}", "--teacher_dtype=float32", f"--targets_dtype={targets_dtype}",
+                 f"--cache_dir={os.path.join(root, 'cache')}", f"--out_dir={os.path.join(root, 'run')}", "--quiet=true"]
+        run = deltakd.start(deltakd.parse_args(flags))
+        cache, idx, _ = deltakd.load_data(run)
+        (batch,) = deltakd.micro_batches(run, cache, [idx])
+        mask, y = deltakd.shift_labels(batch.labels)
+        live = deltakd.load_target(run, cache).of(batch.input_ids, batch.examples, run.cfg.autocast)
+        rows = {r: (h[:, :-1][mask], w) for r, (h, w) in live.items()}
+        spec = replace(run.spec, lam=0.0)  # the KD term alone
+        with torch.no_grad():
+            exact = deltakd.chunk_target(rows, 0, len(y), spec)  # the target's logits (before / tau)
+            h, w = rows["student_raw"]
+            z = (h @ w[:spec.vocab].T).float()  # the raw student's logits: the student at step 0
+            logp = torch.log_softmax(exact / spec.temperature, -1)
+            entropy = float(-(logp.exp() * logp).sum(-1).mean())
+        # chunk_loss overwrites its z and target buffers (workspace): every call gets copies
+        want = deltakd.chunk_loss(z.clone(), y, exact.clone(), spec)
+        out = []
+        for k in ks:
+            krun = deltakd.start(deltakd.parse_args(flags + [f"--targets_dir={os.path.join(root, f'targets-{k}')}",
+                                                             f"--topk={k}"]))
+            stored = deltakd.load_target(krun, cache).of(batch.input_ids, batch.examples, krun.cfg.autocast)
+            got = deltakd.chunk_loss(z.clone(), y, stored, spec)
+            rest = stored.log_rest.exp()
+            out.append((k, rest, float(got[2] / want[2] - 1), cosine(got[3], want[3])))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    setting = (f"the demo's models (seed {seed}: the bundled raw models and the finetuned teacher of {demo_out}/), its "
+               f"first {n_examples} training problems ({len(y):,} supervised tokens), α = {run.cfg.alpha:g}, "
+               f"{targets_dtype} storage, the raw student's logits; target entropy {entropy:.3f} nats per token")
+    return [Row(f"stored top-{k} target, quality", "the exact Delta-KD target (the frozen models live)", setting,
+                f"mass outside the top {k} mean {rest.mean():.4f} (worst {rest.max():.4f}); KD loss {rel:+.2%}; "
+                f"gradient cosine {cos:.4f}") for k, rest, rel, cos in out]
+
+
+def cosine(a, b):
     a, b = a.double(), b.double()  # 20M terms: a float32 sum is off by ~1e-3
     return float((a * b).sum() / (a.norm() * b.norm()))
 
+# -----------------------------------------------------------------------------
+# the GPU measurements
+
 
 def gpu_model(name, dtype, device):
-    # a real Qwen2.5 config with random weights, built directly on the GPU in its dtype (no fp32 copy)
-    c = qwen.QwenConfig.from_json(os.path.join(HERE, "assets/qwen2.5", name, "config.json"))
+    # a real Qwen2.5 config with random weights, built directly on the device in its dtype (no fp32 copy)
+    c = qwen.QwenConfig.from_json(os.path.join(QWEN_CONFIGS, name, "config.json"))
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -552,116 +725,6 @@ def gpu_model(name, dtype, device):
     finally:
         torch.set_default_dtype(old)
     return m
-
-
-def bench_gpu():
-    """The GPU measurements of the paper-scale run in one command (under 8 minutes on one H100/H200):
-    student step tokens/s and MFU (Qwen2.5-1.5B config, batch 4 x 2048, bf16 autocast, with and without
-    checkpointing and compile); peak memory with the paper's three frozen models resident; the chunked
-    loss at 8,192 tokens vs dense; generation vs transformers at batch 16 x 256 new tokens; DDP over
-    NCCL with one process."""
-    if not torch.cuda.is_available():
-        sys.exit("bench.py --gpu: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine")
-    import torch.distributed as dist
-    dev = torch.device("cuda")
-    name, lines = torch.cuda.get_device_name(), []
-    peak = deltakd.peak_flops(deltakd.Config(), dev)
-    lines.append(f"gpu: {name}, torch {torch.__version__}, bf16 peak used for MFU: {peak / 1e12 if peak else 0:.0f} TFLOP/s")
-    # 1. student step, 1.5B, batch 4 x 2048, SFT loss through the chunked path (the training step's cost)
-    student = gpu_model("Qwen2.5-1.5B", torch.float32, dev).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, 151665, (4, 2048), device=dev)
-    labels = ids.clone()
-    spec = deltakd.LossSpec(vocab=151665, lam=1.0)
-    flops = 4 * 2048 * deltakd.flops_per_token(student.config, 2048, True)
-
-    def step(model):
-        loss, _, _, n = deltakd.forward_loss(model, student, ids, labels, None, spec)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for ckpt, compiled in ((False, False), (True, False), (True, True)):
-        student.gradient_checkpointing = ckpt
-        model = torch.compile(student, dynamic=False) if compiled else student
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step(model)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        t = cuda_time(lambda: step(model), repeats=3)
-        lines.append(f"student step 1.5B, 4x2048, bf16 autocast, checkpointing={ckpt}, compile={compiled}: "
-                     f"{4 * 2048 / t:.0f} tok/s, MFU {flops / t / peak:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
-                     f"(first step {first:.1f}s)")
-    # 2. the paper's frozen models resident beside it: two 7B and the raw 1.5B, bf16
-    frozen = {"teacher_ft": gpu_model("Qwen2.5-7B-Instruct", torch.bfloat16, dev),
-              "teacher_raw": gpu_model("Qwen2.5-7B", torch.bfloat16, dev),
-              "student_raw": gpu_model("Qwen2.5-1.5B", torch.bfloat16, dev)}
-    for m in frozen.values():
-        m.eval().requires_grad_(False)
-    student.gradient_checkpointing = True
-    spec = deltakd.LossSpec(vocab=151665, lam=0.5)
-    torch.cuda.reset_peak_memory_stats()
-
-    def delta_step():
-        loss, _, _, n = deltakd.forward_loss(student, student, ids, labels, deltakd.frozen_target(frozen, ids), spec)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    t = cuda_time(delta_step, repeats=2)
-    flops += 4 * 2048 * sum(deltakd.flops_per_token(m.config, 2048, False) for m in frozen.values())
-    lines.append(f"Delta-KD step with the three frozen models live (2 x 7B + 1.5B bf16), checkpointing: "
-                 f"{4 * 2048 / t:.0f} tok/s, MFU {flops / t / peak:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} "
-                 f"GiB (the --dry_run plan for this run: 62.7 GB without ZeRO)")
-    frozen.clear()
-    torch.cuda.empty_cache()
-    lines += gpu_loss_lines(dev)
-    # 4. generation, batch 16 x 256 new tokens, vs transformers generate (same random weights, bf16)
-    import transformers
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{k: v for k, v in student.config.to_dict().items()
-                                                                  if k != "extra"})).to(dev, torch.bfloat16).eval()
-    ours = gpu_model("Qwen2.5-1.5B", torch.bfloat16, dev).eval()
-    ours.load_state_dict(hf.state_dict(), strict=False)
-    prompts = [torch.randint(0, 151665, (n,)).tolist() for n in range(64, 64 + 16 * 8, 8)]
-    P = max(map(len, prompts))
-    pid = torch.zeros(16, P, dtype=torch.long, device=dev)
-    mask = torch.zeros_like(pid)
-    for i, p in enumerate(prompts):
-        pid[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
-    with torch.no_grad():
-        t_hf = cuda_time(lambda: hf.generate(input_ids=pid, attention_mask=mask, max_new_tokens=256, min_new_tokens=256,
-                                             do_sample=False, pad_token_id=0), repeats=2)
-        t_us = cuda_time(lambda: ours.generate(prompts, 256, eos_token_id=[-1], vocab_limit=151665), repeats=2)
-    lines.append(f"generation 1.5B bf16, batch 16 x 256 new tokens: transformers {16 * 256 / t_hf:.0f} tok/s, deltakd "
-                 f"{16 * 256 / t_us:.0f} tok/s -> {t_hf / t_us:.2f}x")
-    # 5. NCCL, one process: the DDP wrapper path of the training loop
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    ddp = torch.nn.parallel.DistributedDataParallel(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
-    t = cuda_time(lambda: step(ddp), repeats=2)
-    lines.append(f"DDP (NCCL, 1 process) student step: {4 * 2048 / t:.0f} tok/s")
-    dist.destroy_process_group()
-    return "\n".join(lines)
-
-
-def gpu_loss_lines(dev):
-    # 3. the chunked Delta-KD loss at 8,192 tokens vs dense (where dense fits), fp32, forward + backward
-    lines = []
-    h, W, lab, teachers, lspec = loss_inputs(8192, "delta")
-    h, W, lab = h.to(dev), W.to(dev), lab.to(dev)
-    teachers = {r: (t.to(dev), w.to(dev)) for r, (t, w) in teachers.items()}
-    for impl in ("chunked", "dense"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        try:
-            t = cuda_time(lambda: loss_step(h, W, lab, teachers, replace(lspec, impl=impl)), repeats=3)
-            lines.append(f"loss Delta-KD {impl}, 8,192 tokens, fp32: {t * 1e3:.0f} ms, peak "
-                         f"{(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB above the inputs")
-        except torch.OutOfMemoryError:
-            lines.append(f"loss Delta-KD {impl}, 8,192 tokens: does not fit")
-        torch.cuda.empty_cache()
-    return lines
 
 
 def cuda_time(fn, repeats):
@@ -674,24 +737,191 @@ def cuda_time(fn, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
-BENCHES = {"forward": bench_forward, "generate": bench_generate, "loss": bench_loss, "liger": bench_liger,
-           "rouge": bench_rouge, "step": bench_step, "data": bench_data, "topk": bench_topk, "compile": bench_compile}
+def bench_gpu(batch=4, max_len=2048, loss_tokens=8192, student_name="Qwen2.5-1.5B",
+              teachers=("Qwen2.5-7B-Instruct", "Qwen2.5-7B"), device="cuda"):
+    """The GPU measurements of the paper-scale run in one command: deltakd.train_step tokens/s and MFU of the
+    Qwen2.5-1.5B student (random weights, written once to a temporary directory in bf16), batch 4 x 2048
+    of real Ultrachat text, bf16 autocast, with and without checkpointing and compile; the Delta-KD step
+    with the paper's three frozen models resident (the two 7B teachers built on the GPU with random weights
+    and handed to train_step as the deltakd.Target that load_target would return: 2 x 15 GB are never
+    written to disk), its peak memory; the chunked loss at 8,192 tokens vs dense; generation vs
+    transformers at batch 16 x 256 new tokens; the DDP step over NCCL with one process vs the plain one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py --gpu: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine")
+    import torch.distributed as dist
+    dev, rows = torch.device(device), []
+    root = tempfile.mkdtemp(prefix="bench-gpu-")
+    try:
+        student = gpu_model(student_name, torch.bfloat16, dev)
+        flags = step_files(root, {"student": student}, batch, max_len)
+        del student
+        flags += [f"--{r}={os.path.join(QWEN_CONFIGS, n)}" for r, n in zip(("teacher_ft", "teacher_raw"), teachers)]
+        flags.append("--autocast=bf16")
+        shape = f"{student_name} student (random weights), batch {batch} × {max_len} of Ultrachat text, bf16 autocast"
+
+        def measure(name, run_flags, target=None):
+            r = step_run(root, name, flags + run_flags, target)
+            torch.cuda.reset_peak_memory_stats()
+            first, rec = timed(lambda: (r.step(), torch.cuda.synchronize())[0])
+            t = cuda_time(r.step, repeats=3)
+            peak = deltakd.peak_flops(r.run.cfg, r.run.device)
+            mfu = f"MFU {rec['flops'] / t / peak:.1%}" if peak else f"{rec['flops'] / t / 1e12:.0f} TFLOP/s (no peak known)"
+            return {"t": t, "tok_s": rec["tokens"] / t, "mfu": mfu, "first": first, "rec": rec,
+                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        sft = {}
+        for ckpt, compiled in ((False, False), (True, False), (True, True)):
+            m = sft[ckpt, compiled] = measure(f"sft-{ckpt}-{compiled}", ["--method=sft", f"--grad_checkpointing={ckpt}",
+                                                                          f"--compile={compiled}"])
+            rows.append(Row("training step, SFT", "—", f"`deltakd.train_step`, {shape}, checkpointing={ckpt}, "
+                            f"compile={compiled}; mean of 3 after the first",
+                            f"{m['tok_s']:.0f} tok/s, {m['mfu']}, peak {m['peak_gib']:.1f} GiB (first step {m['first']:.1f} s)"))
+            if compiled:
+                torch._dynamo.reset()  # the compiled student's graphs hold its weights
+            gc.collect()
+            torch.cuda.empty_cache()
+        # the paper's frozen models resident beside the student: the two 7B teachers and the raw student, bf16
+        frozen = {"teacher_ft": gpu_model(teachers[0], torch.bfloat16, dev),
+                  "teacher_raw": gpu_model(teachers[1], torch.bfloat16, dev),
+                  "student_raw": qwen.Qwen.from_pretrained(os.path.join(root, "student"), torch.bfloat16, dev)}
+        for m in frozen.values():
+            m.eval().requires_grad_(False)
+        m = measure("delta", ["--method=delta", "--lam=0.5", "--grad_checkpointing=true"], deltakd.Target(frozen, None))
+        base = sft[True, False]
+        rows.append(Row("training step, Delta-KD, frozen models live", "the SFT step, checkpointing on (above)",
+                        f"`deltakd.train_step`, {shape}, checkpointing on, frozen {', '.join(teachers)} and the raw "
+                        "student in bf16 (random weights); mean of 3 after the first",
+                        f"{m['tok_s']:.0f} tok/s, {m['mfu']}, peak {m['peak_gib']:.1f} GiB; {m['t']:.2f} vs "
+                        f"{base['t']:.2f} s: **{m['t'] / base['t']:.2f}x** the SFT step's time"))
+        del frozen, m
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows += gpu_loss_rows(dev, loss_tokens)
+        rows.append(gpu_generate_row(dev, student_name))
+        # NCCL, one process: the DDP path of train_step (the wrapper, no_sync, the all-reduces)
+        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+        os.environ.update(env)
+        try:
+            m = measure("ddp", ["--method=sft"])
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for k in env:
+                os.environ.pop(k, None)
+        base = sft[False, False]
+        rows.append(Row("training step under DDP (NCCL, 1 process)", "the plain SFT step (above)",
+                        f"`deltakd.train_step`, {shape}, checkpointing off; mean of 3 after the first",
+                        f"{m['tok_s']:.0f} vs {base['tok_s']:.0f} tok/s: **{base['t'] / m['t']:.2f}x** the speed"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def gpu_loss_rows(dev, N):
+    # the chunked Delta-KD loss vs dense (where dense fits), fp32, forward + backward
+    rows = []
+    h, W, lab, teachers, lspec = loss_inputs(N, "delta")
+    h, W, lab = h.to(dev), W.to(dev), lab.to(dev)
+    teachers = {r: (t.to(dev), w.to(dev)) for r, (t, w) in teachers.items()}
+    for impl in ("chunked", "dense"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            t = cuda_time(lambda: loss_step(h, W, lab, teachers, replace(lspec, impl=impl)), repeats=3)
+            result = (f"{t * 1e3:.0f} ms, peak {(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB above "
+                      "the inputs")
+        except torch.OutOfMemoryError:
+            result = "does not fit"
+        rows.append(Row(f"Delta-KD loss, {impl}", "—", f"{N:,} tokens, V {LOSS['Vm']:,}, C {LOSS['C']:,}, fp32, "
+                        "forward + backward; mean of 3", result))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def gpu_generate_row(dev, name, batch=16, new=256):
+    # generation vs transformers generate, same random weights, bf16
+    import transformers
+    config = qwen.QwenConfig.from_json(os.path.join(QWEN_CONFIGS, name, "config.json"))
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config.to_dict())).to(dev, torch.bfloat16).eval()
+    ours = gpu_model(name, torch.bfloat16, dev).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    prompts = [torch.randint(0, 151665, (n,)).tolist() for n in range(64, 64 + batch * 8, 8)]
+    P = max(map(len, prompts))
+    pid = torch.zeros(batch, P, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(pid)
+    for i, p in enumerate(prompts):
+        pid[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        t_hf = cuda_time(lambda: hf.generate(input_ids=pid, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                             do_sample=False, pad_token_id=0), repeats=2)
+        t_us = cuda_time(lambda: ours.generate(prompts, new, eos_token_id=[-1], vocab_limit=151665), repeats=2)
+    return Row("generation", "transformers `generate`, same weights", f"{name} (random weights), bf16, greedy, batch "
+               f"{batch} × {new} new tokens, prompts of {min(map(len, prompts))}-{P} tokens; mean of 2",
+               f"{batch * new / t_us:.0f} vs {batch * new / t_hf:.0f} tok/s: **{t_hf / t_us:.2f}x** the speed")
+
+# -----------------------------------------------------------------------------
+
+
+BENCHES = {"forward": lambda a: bench_forward(), "generate": lambda a: bench_generate(), "loss": lambda a: bench_loss(),
+           "liger": lambda a: bench_liger(), "rouge": lambda a: bench_rouge(), "step": lambda a: bench_step(),
+           "compile": lambda a: bench_compile(), "data": lambda a: bench_data(a.data_rows),
+           "topk": lambda a: bench_topk(a.demo_out)}
+
+
+def machine_line(argv):
+    cpu = None
+    if os.path.isfile("/proc/cpuinfo"):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
+    cpu = cpu or platform.processor() or platform.machine()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"machine: {cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; torch "
+            f"{torch.__version__}, Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"`{' '.join(['python bench.py', *argv])}`")
+
+
+def table_row(cells):
+    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+HEADER = [table_row(["bench", "what", "peer", "setting", "result"]), "|---|---|---|---|---|"]
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="bench.py", usage=USAGE, description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--gpu", action="store_true", help="the GPU measurements (needs CUDA), alone")
+    p.add_argument("--out", metavar="FILE", help="append the rows (markdown, under the machine line) to FILE")
+    p.add_argument("--demo_out", default="out", metavar="DIR", help="topk: the demo run's directory (default out)")
+    p.add_argument("--data_rows", type=int, default=200_000, metavar="N", help="data: rows of the large file")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHES]
+    if unknown or (args.gpu and args.names):
+        p.error(f"unknown bench {unknown}" if unknown else "--gpu runs alone")
+    todo = {"gpu": lambda a: bench_gpu()} if args.gpu else {n: BENCHES[n] for n in args.names or BENCHES}
+    head = [machine_line(argv), ""] + HEADER
+    print("\n".join(head), flush=True)
+    if args.out:
+        new = not os.path.isfile(args.out) or os.path.getsize(args.out) == 0
+        with open(args.out, "a") as f:
+            f.write(("# bench.py rows\n\nAppended by `python bench.py NAME --out=FILE`, one table per invocation under "
+                     "its machine line; docs/benchmarks.md keeps the curated rows with their history.\n" if new else "")
+                    + "\n" + "\n".join(head) + "\n")
+    for name, fn in todo.items():
+        try:
+            rows = fn(args)
+        except Skipped as e:
+            print(f"{name}: skipped: {e}", file=sys.stderr, flush=True)
+            continue
+        lines = [table_row([f"`{name}`", *r]) for r in rows]
+        print("\n".join(lines), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write("\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_loss_child"]:
         loss_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-        sys.exit()
-    if sys.argv[1:2] == ["_data_child"]:
-        data_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-        sys.exit()
-    if sys.argv[1:2] == ["--gpu"]:
-        print(bench_gpu(), flush=True)
-        sys.exit()
-    names = sys.argv[1:] or list(BENCHES)
-    unknown = set(names) - set(BENCHES)
-    if unknown:
-        sys.exit(f"unknown bench {sorted(unknown)}; choose from {list(BENCHES)}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    for name in names:
-        print(BENCHES[name](), flush=True)
+    elif sys.argv[1:2] == ["_data_child"]:
+        data_child(*sys.argv[2:5])
+    else:
+        main(sys.argv[1:])

@@ -664,6 +664,24 @@ def make_batches(lengths, batch_size, seed, epoch, multiple=1, group_by_length=T
     return batches
 
 
+class Batches:
+    """The data position as a function of the optimizer step: resuming at step s replays nothing and skips
+    nothing. Each step takes per_step (world * grad_accum) micro-batches of one epoch's make_batches order;
+    at(step, rank, world) is this rank's share."""
+
+    def __init__(self, lengths, batch_size, seed, per_step):
+        self.lengths, self.batch_size, self.seed, self.per_step = lengths, batch_size, seed, per_step
+        self.epoch, self.batches = 0, make_batches(lengths, batch_size, seed, 0, per_step)
+        self.steps_per_epoch = len(self.batches) // per_step
+
+    def at(self, step, rank, world):
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.batches = make_batches(self.lengths, self.batch_size, self.seed, epoch, self.per_step)
+        return self.batches[offset * self.per_step:(offset + 1) * self.per_step][rank::world]
+
+
 def padding_fraction(batches, lengths):
     lengths = np.asarray(lengths)
     real = sum(int(lengths[b].sum()) for b in batches)

@@ -768,8 +768,8 @@ def compute_targets(run, cache, store):
                 print(f"targets: shard {s + 1}/{store.n_shards} | {rows / (time.time() - t0):.0f} supervised "
                       f"tokens/s on rank 0 | eta {(time.time() - t0) / (n + 1) * (len(todo) - n - 1):.0f}s", flush=True)
         del frozen
-    data.wait_until(lambda: all(store.complete(s) for s in range(store.n_shards)), f"all target shards in {store.dir}",
-               run.rank)
+    data.wait_until(lambda: all(store.complete(s) for s in range(store.n_shards)),
+                    f"all target shards in {store.dir}", run.rank)
 
 # -----------------------------------------------------------------------------
 # evaluation: ROUGE of generated answers, teacher-forced NLL / KL / top-1, the answers' sanity
@@ -1010,23 +1010,6 @@ def frozen_hidden_states(frozen, input_ids, autocast_mode="auto"):
         return {r: (m(input_ids, return_hidden=True), m.lm_head.weight) for r, m in frozen.items()}
 
 
-class Batches:
-    """The data position as a function of the step: resuming at step s replays nothing and skips nothing.
-    Each optimizer step takes world * grad_accum micro-batches of one epoch's length-grouped order."""
-
-    def __init__(self, cfg, lengths, world):
-        self.cfg, self.lengths, self.per_step = cfg, lengths, world * cfg.grad_accum
-        self.epoch, self.batches = 0, data.make_batches(lengths, cfg.batch_size, cfg.seed, 0, self.per_step)
-        self.steps_per_epoch = len(self.batches) // self.per_step
-
-    def at(self, step, rank, world):
-        epoch, offset = divmod(step, self.steps_per_epoch)
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.batches = data.make_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch, self.per_step)
-        return self.batches[offset * self.per_step:(offset + 1) * self.per_step][rank::world]
-
-
 class MicroBatch(NamedTuple):
     input_ids: torch.Tensor     # (B, T) right-padded: under causal attention padding never reaches a real position
     labels: torch.Tensor        # (B, T), -100 where nothing is learned
@@ -1171,10 +1154,10 @@ def train(cfg):
         return eval_only(run)
     cache, train_idx, evalset = load_data(run)  # tokenized once into a memory-mapped cache
     target = load_target(run, cache)  # stored on disk by the target pass, or the frozen models live
-    if cfg.targets_only:
+    if cfg.targets_only and cfg.targets_dir:
         return {}
     student = build_student(run)
-    batches = Batches(cfg, cache.lengths[train_idx], run.world)
+    batches = data.Batches(cache.lengths[train_idx], cfg.batch_size, cfg.seed, run.world * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     if run.master and not cfg.quiet:
         print(f"padding: {data.padding_fraction(batches.batches, batches.lengths):.1%} of batch tokens")
