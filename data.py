@@ -478,6 +478,9 @@ def build_cache(data_path, tokenizer, path, key, log=print, block_rows=2048):
     appends to flat files in a temporary directory and renames it to `path` when complete.
     Returns the stats."""
     t0 = last_log = time.time()
+    # progress is a share of the rows where their number is known (max_rows, a .parquet's metadata), else of the bytes
+    total_rows = key["max_rows"] or (parquet_file(data_path).metadata.num_rows if data_path.endswith(".parquet") else 0)
+    total_bytes = os.path.getsize(data_path)
     with atomic_dir(path) as tmp:
         with CacheWriter(tmp) as cache, concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = None  # the block the worker is encoding
@@ -490,7 +493,7 @@ def build_cache(data_path, tokenizer, path, key, log=print, block_rows=2048):
                 if log and time.time() - last_log > 10:
                     last_log = time.time()
                     n_read, pos = rows[-1][0] + 1, line_offsets[-1] if line_offsets else -1
-                    done = fraction_read(data_path, key["max_rows"], n_read, pos)
+                    done = n_read / total_rows if total_rows else pos / total_bytes if pos > 0 else 0
                     log(progress_line(n_read, cache.counts["input_ids"], last_log - t0, done))
             if pending is not None:
                 cache.append(*pending.result())
@@ -548,14 +551,6 @@ class CacheWriter:
         self.write("rows", [n for _, _, n in examples])
         for name, count in stats.items():
             self.stats[name] += count
-
-
-def fraction_read(data_path, max_rows, rows_read, byte_offset):
-    # of the rows to read where their number is known (max_rows, a .parquet's metadata), else of the bytes
-    total_rows = max_rows or (parquet_file(data_path).metadata.num_rows if data_path.endswith(".parquet") else 0)
-    if total_rows:
-        return rows_read / total_rows
-    return byte_offset / os.path.getsize(data_path) if byte_offset > 0 else 0
 
 
 def progress_line(rows_read, tokens, seconds, done):

@@ -881,13 +881,13 @@ class Evaluation:
 
     def __init__(self, run, examples, frozen, log):
         self.run, self.examples, self.log = run, examples, log
+        self.teacher_dir = model_dirs(run.cfg).get("teacher_ft")
         teacher = frozen.get("teacher_ft")
         self.teacher = getattr(teacher, "_orig_mod", teacher)  # a compiled one: its module
 
     def __call__(self, model, step, tag):
-        teacher_dir = model_dirs(self.run.cfg).get("teacher_ft")
-        if self.teacher is None and teacher_dir:
-            self.teacher = load_frozen_model(self.run, teacher_dir)
+        if self.teacher is None and self.teacher_dir:
+            self.teacher = load_frozen_model(self.run, self.teacher_dir)
         scores = evaluate(self.run, model, self.teacher, self.examples, tag)
         self.log.eval(step, scores)
         return scores

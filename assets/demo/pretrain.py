@@ -54,14 +54,16 @@ PRETRAIN = PretrainSettings()
 def pretrain(root, seeds, settings=PRETRAIN):
     """Pretrains into root whatever it lacks of the tokenizer and of each seed's raw teacher and student."""
     tok_path = os.path.join(root, "tokenizer.json")
+    have_tokenizer = os.path.isfile(tok_path)  # a new tokenizer: the seeds asked for are pretrained anew on its ids
     todo = [(seed, role) for seed in seeds for role in ("teacher", "student")
-            if not os.path.isfile(os.path.join(deltakd.demo_raw_model(root, seed, role), "config.json"))]
-    if not todo and os.path.isfile(tok_path):
+            if not have_tokenizer or not os.path.isfile(os.path.join(deltakd.demo_raw_model(root, seed, role),
+                                                                      "config.json"))]
+    if not todo:
         return
     os.makedirs(root, exist_ok=True)
     chats = data.read_rows(settings.chat_data)
     english = [m["content"] for r in chats for m in data.to_messages(r)]
-    if not os.path.isfile(tok_path):  # a small byte-level BPE with the ChatML special tokens
+    if not have_tokenizer:  # a small byte-level BPE with the ChatML special tokens
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
