@@ -19,7 +19,8 @@ what a stored top-K target costs in accuracy.
             micro_batches): Delta-KD with the frozen models live and with stored top-64 targets, each vs
             the SFT step of the same student and batch; and the target pass that stores them.
 - compile:  the same train_step with --compile=true vs eager.
-- data:     the token cache (deltakd.load_data) vs the in-memory path, time and peak memory, each in its own process.
+- data:     the token cache (deltakd.load_data) vs the in-memory path, time and peak memory, each in its own process;
+            the checksum's speed and what checking the cache and the target shards costs.
 - topk:     how far a stored top-K target (the target pass's own store) is from the exact one, on the
             models of a demo run: mass outside the top K, KD loss, gradient cosine. No training.
 Every figure printed is measured in that run. Timings are medians of interleaved repeats after a warm-up;
@@ -599,6 +600,91 @@ def floor_ratio(lines, n_rows):
     return sorted(shares)[1]
 
 
+def checksum_speeds(mib=256):
+    """GB/s of each candidate checksum over the same random bytes in memory, one core, best of 3: why the
+    token cache and the target shards carry zlib's CRC-32 (data.scan)."""
+    import hashlib
+    import zlib
+    buf = memoryview(np.random.default_rng(0).integers(0, 2**32, (mib << 20) // 4, dtype=np.uint32)).cast("B")
+    chunks = [buf[i:i + data.SCAN_CHUNK] for i in range(0, len(buf), data.SCAN_CHUNK)]
+
+    def hashed(name):
+        h = hashlib.new(name)
+        for c in chunks:
+            h.update(c)
+
+    def crc32():
+        crc = 0
+        for c in chunks:
+            crc = zlib.crc32(c, crc)
+    fns = {"crc32": crc32, **{name: (lambda name=name: hashed(name)) for name in ("sha1", "sha256", "blake2b", "md5")}}
+    return {name: len(buf) / min(timed(fn)[0] for _ in range(3)) / 1e9 for name, fn in fns.items()}
+
+
+def evict(paths):
+    # drops the files' pages from the page cache (written back first), so that the next read is the disk's
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def verify_speeds(check, paths):
+    """{"warm": (seconds, GB/s), "cold": (seconds, GB/s), "gib": size} of check() reading paths from the page
+    cache (best of 3) and from the disk (the files evicted first, median of 3)."""
+    size = sum(os.path.getsize(p) for p in paths)
+    warm = min(timed(check)[0] for _ in range(3))
+    cold = []
+    for _ in range(3):
+        evict(paths)
+        cold.append(timed(check)[0])
+    cold = statistics.median(cold)
+    return {"warm": (warm, size / warm / 1e9), "cold": (cold, size / cold / 1e9), "gib": size / 2**30}
+
+
+def cache_verification(cache_root):
+    # the check a run makes of the token cache it finds (deltakd.token_cache -> data.check_cache)
+    from tokenizers import Tokenizer
+    where = next(os.path.join(cache_root, d) for d in os.listdir(cache_root) if d.startswith("tokens-"))
+    with open(os.path.join(where, "meta.json")) as f:
+        key = json.load(f)["key"]
+    vocab = Tokenizer.from_file(TOKENIZER).get_vocab_size()
+
+    def check():
+        assert data.check_cache(where, key, vocab) is None
+    return verify_speeds(check, [os.path.join(where, f"{name}.bin") for name in data.CACHE_ARRAYS])
+
+
+def shard_verification(root, gib=1.0, topk=64, shard=1000, per_example=200):
+    """The target pass's check of every shard it finds (TargetStore.damage), on shards of topk float16
+    targets written by TargetStore.write from random numbers: the store stands in for a cache whose
+    examples have per_example supervised positions each."""
+    class Cache:  # what TargetStore reads of a token cache: the examples' supervised positions
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def n_targets(self):
+            return np.full(self.n, per_example)
+    bytes_per_example = per_example * (topk * 6 + 4)
+    store = data.TargetStore(os.path.join(root, "targets"), Cache(int(gib * 2**30 / bytes_per_example)),
+                             {"topk": topk, "shard": shard, "targets_dtype": "float16", "vocab": 151665})
+    rng = np.random.default_rng(0)
+    for s in range(store.n_shards):
+        M = store.rows(s)
+        store.write(s, {"ids": rng.integers(0, 151665, (M, topk), dtype=np.uint32),
+                        "logp": rng.standard_normal((M, topk), dtype=np.float32), "rest": np.zeros(M, np.float32)})
+
+    def check():
+        assert all(store.damage(s) is None for s in range(store.n_shards))
+    return verify_speeds(check, [p for s in range(store.n_shards) for p, _, _ in store.files(s).values()])
+
+
 def bench_data(n_rows=200_000):
     """The in-memory path vs the token cache on Ultrachat-style files of n_rows / 4 and n_rows rows (the
     bundled 1,000 conversations repeated; 200,000 rows are a third of the real set), each in its own process."""
@@ -618,6 +704,9 @@ def bench_data(n_rows=200_000):
         res = {("build", n): run_data_child("build", root, paths[n]) for n in (small, n_rows)}
         res["warm", n_rows] = run_data_child("warm", root, paths[n_rows])
         res["today", n_rows] = run_data_child("today", root, paths[n_rows])
+        speeds = checksum_speeds()
+        cache_check = cache_verification(os.path.join(root, f"cache-{n_rows}"))
+        shard_check = shard_verification(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     b, o, w = res["build", n_rows], res["today", n_rows], res["warm", n_rows]
@@ -634,8 +723,21 @@ def bench_data(n_rows=200_000):
             "pieces, same process, interleaved", f"{floor_rows:,} rows, median of 3",
             f"the build runs at **{share:.0%}** of `encode_batch` alone ({rate / 1e6:.2f}M tokens/s then)"),
         Row("data path, warm start", "—", "a second run that finds the cache, process start to optimizer step 1 "
-            "(tiny student, 64 held-out rows read back by seeking)", f"**{w['seconds']:.1f} s**, peak "
-            f"{w['peak_gib']:.2f} GiB")]
+            "(tiny student, 64 held-out rows read back by seeking; the cache's full check included)",
+            f"**{w['seconds']:.1f} s**, peak {w['peak_gib']:.2f} GiB"),
+        Row("checksum speed", "sha1, sha256, blake2b, md5 (hashlib)", "256 MiB in memory, 16 MiB updates, one core, "
+            "best of 3", f"zlib's CRC-32 (the cache's and the shards' checksum) **{speeds['crc32']:.2f} GB/s**, vs "
+            + ", ".join(f"{n} {v:.2f}" for n, v in speeds.items() if n != "crc32")),
+        Row("cache verification", "—", f"the full check of the {n_rows:,}-row cache a run finds (`check_cache`: "
+            f"every file's CRC-32, every token id below the vocabulary), {cache_check['gib']:.2f} GiB",
+            verified(cache_check)),
+        Row("target shard verification", "—", f"`TargetStore.damage` of every shard, top-64 float16 targets written "
+            f"by `TargetStore.write`, {shard_check['gib']:.2f} GiB", verified(shard_check))]
+
+
+def verified(speed):
+    return (f"**{speed['warm'][1]:.2f} GB/s** from the page cache ({speed['warm'][0]:.2f} s), "
+            f"{speed['cold'][1]:.2f} GB/s from the disk ({speed['cold'][0]:.2f} s, the files evicted first)")
 
 # -----------------------------------------------------------------------------
 # stored targets: how far from the exact target

@@ -8,8 +8,12 @@ Chat data -> supervised token batches for Qwen-2.5, with the exact ChatML chat t
     evals = eval_examples(eval_rows, tokenizer, max_len=1024)              # prompt, reference, forced pair
 
 In file order: reading rows (streamed) -> row formats -> the chat template (and the tokenizer files a
-checkpoint carries) -> tokenization -> the token cache (big files, tokenized once) -> the target store
-(a distillation target computed once) -> batching -> evaluation examples.
+checkpoint carries) -> tokenization -> checksums -> the token cache (big files, tokenized once) -> the
+target store (a distillation target computed once) -> batching -> evaluation examples.
+
+Faults end in one line: a bad row is named by file and line (path:LINE, from 1; 'path: row N' where a
+file has no lines), or skipped and counted with skip_bad_rows; a cache file or target shard changed
+after it was written fails its checksum and is built again, never trained on.
 
 Row formats, recognised by their fields: `messages` (Ultrachat-200k; list of {role, content}),
 `problem` + `generated_solution` (OpenMathReasoning), `prompt` + `response`, `instruction` [+ `input`]
@@ -29,6 +33,7 @@ import math
 import os
 import shutil
 import time
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -52,46 +57,62 @@ class DataError(ValueError):
 # reading rows: streamed, so a 3M-row file never sits in memory as Python objects
 
 
-def iter_rows(path, max_rows=0):
-    """Yields (row_number, byte_offset, row) for the first max_rows rows (0: all) of a .jsonl (line by
-    line), .parquet (row group by row group; needs pyarrow) or .json file (a list of objects, read
-    whole). byte_offset is where a .jsonl row starts (read_rows_at seeks there); -1 otherwise."""
+def check_data_file(path):
+    """Before any long work, without parsing rows: the data file exists, can be read and is not empty, and a
+    .parquet's footer opens. The rows themselves are checked as they are read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
-    limit = max_rows if max_rows > 0 else float("inf")
+    with open(path, "rb") as f:  # OSError (no permission, a directory) names the file
+        if not f.read(1):
+            raise DataError(f"{path}: the data file is empty")
     if path.endswith(".parquet"):
-        pf = parquet_file(path)
-        n = 0
+        parquet_file(path)
+
+
+def iter_rows(path, max_rows=0, keep_bad=False):
+    """Yields (row_number, byte_offset, row) for the first max_rows rows (0: all) of a .jsonl (line by
+    line), .parquet (row group by row group; needs pyarrow) or .json file (a list of objects, read
+    whole). Row n of a .jsonl is its n-th non-empty line, counted from 0, whether or not it parses;
+    byte_offset is where it starts (read_rows_at seeks there), -1 in other formats. A row that is not a
+    JSON object (a malformed line, invalid UTF-8, a list) stops the read naming its line, or, with
+    keep_bad, comes as the DataError saying what is wrong (encode_block's skip_bad_rows skips it)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    # islice stops reading at max_rows: the rest of the file (a .parquet's later row groups) is never read
+    for n, offset, row in itertools.islice(file_rows(path), max_rows if max_rows > 0 else None):
+        yield n, offset, row if keep_bad else checked_row(row, path, n, offset)
+
+
+def file_rows(path):
+    # every (row_number, byte_offset, row or the DataError that says why it is not one) of the file
+    if path.endswith(".parquet"):
+        pf, n = parquet_file(path), 0
         for g in range(pf.num_row_groups):
-            if n >= limit:
-                return  # the remaining row groups are never read
-            for row in pf.read_row_group(g).to_pylist():
-                if n >= limit:
-                    return
-                yield n, -1, check_row(row, path, n)
+            for row in group_rows(pf, g, path):  # a table's rows are always objects
+                yield n, -1, row
                 n += 1
     elif path.endswith(".json"):
         with open(path, "rb") as f:
-            text = decode_utf8(f.read(), path, 1)
+            raw = f.read()
         try:
-            rows = json.loads(text)
+            rows = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = 1 + raw[:e.start].count(b"\n")
+            raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start} of the file)") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json data file must hold a list of rows")
-        for n, row in enumerate(rows[:max_rows] if max_rows > 0 else rows):
-            yield n, -1, check_row(row, path, n)
+        for n, row in enumerate(rows):
+            yield n, -1, object_row(row)
     else:
         n, offset = 0, 0
         with open(path, "rb") as f:
-            for line_no, line in enumerate(f, 1):
+            for line in f:
                 start, offset = offset, offset + len(line)
-                if not line.strip():
-                    continue
-                if n >= limit:
-                    return
-                yield n, start, parse_line(line, path, line_no, n)
-                n += 1
+                if line.strip():
+                    yield n, start, parse_line(line)
+                    n += 1
 
 
 def read_rows(path, max_rows=0):
@@ -111,8 +132,7 @@ def read_rows_at(path, numbers, byte_offsets=None):
             size = pf.metadata.row_group(g).num_rows
             inside = [n for n in want if first <= n < first + size]
             if inside:
-                table = pf.read_row_group(g)
-                out.update({n: check_row(table.slice(n - first, 1).to_pylist()[0], path, n) for n in inside})
+                out.update(zip(inside, group_rows(pf, g, path, [n - first for n in inside])))
             first += size
         return out
     if path.endswith(".jsonl") and byte_offsets is not None:
@@ -120,42 +140,78 @@ def read_rows_at(path, numbers, byte_offsets=None):
         with open(path, "rb") as f:
             for n in want:
                 f.seek(int(byte_offsets[n]))
-                out[n] = parse_line(f.readline(), path, None, n)
+                out[n] = checked_row(parse_line(f.readline()), path, n, int(byte_offsets[n]))
         return out
     wanted = set(want)
-    return {n: row for n, _, row in iter_rows(path, max(want) + 1) if n in wanted}
+    return {n: checked_row(row, path, n, offset) for n, offset, row in iter_rows(path, max(want) + 1, keep_bad=True)
+            if n in wanted}
 
 
 def parquet_file(path):
+    """pyarrow's ParquetFile of path (its footer read), or a DataError naming the file and what is wrong."""
     try:
-        import pyarrow.parquet as pq  # optional: not a dependency of deltakd
+        import pyarrow  # optional: not a dependency of deltakd
+        import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow), "
                         "or convert the file to .jsonl") from None
-    return pq.ParquetFile(path)
-
-
-def decode_utf8(raw, path, line_no):
     try:
-        return raw.decode("utf-8")
+        return pq.ParquetFile(path)
+    except pyarrow.ArrowException as e:  # e.g. "Parquet magic bytes not found in footer"
+        raise DataError(f"{path}: not a readable parquet file ({first_line(e)})") from None
+
+
+def group_rows(pf, g, path, positions=None):
+    # the rows of a .parquet's row group g as dicts (only those at positions within it, if given)
+    import pyarrow  # imported already: pf is pyarrow's
+    try:
+        table = pf.read_row_group(g)
+        return table.to_pylist() if positions is None else [table.slice(i, 1).to_pylist()[0] for i in positions]
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as e:  # a damaged page
+        raise DataError(f"{path}: row group {g} of the parquet file is unreadable ({first_line(e)})") from None
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def parse_line(line):
+    # one .jsonl line -> the row, or the DataError saying why it is not one (raised or skipped by the caller)
+    try:
+        return object_row(json.loads(line.decode("utf-8")))
     except UnicodeDecodeError as e:
-        line = line_no + raw[:e.start].count(b"\n")
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start} of the line)") from None
-
-
-def parse_line(line, path, line_no, n):
-    where = f"{path}:{line_no}" if line_no else f"{path}: row {n}"
-    try:
-        row = json.loads(decode_utf8(line, path, line_no or 0))
+        return DataError(f"not valid UTF-8 (byte {e.start} of the line)")
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON line ({e.msg})") from None
-    return check_row(row, path, n)
+        return DataError(f"malformed JSON line ({e.msg})")
 
 
-def check_row(row, path, n):
-    if not isinstance(row, dict):
-        raise DataError(f"{path}: row {n} is a {type(row).__name__}, not an object")
+def object_row(row):
+    return row if isinstance(row, dict) else DataError(f"the row is a {type(row).__name__}, not an object")
+
+
+def checked_row(row, path, n, offset):
+    # a row that must be good (read_rows, a row read back): its DataError raised naming where it is
+    if isinstance(row, DataError):
+        raise DataError(f"{row_locations(path, [(n, offset)])[0]}: {row}")
     return row
+
+
+def row_locations(path, rows):
+    """Where each (row_number, byte_offset) row is, as an editor counts: 'path:LINE' for a .jsonl row (the
+    lines before its offset counted, from 1: the file is read only when a message needs it), else
+    'path: row N' (from 1)."""
+    line_of, offsets = {}, sorted(o for _, o in rows if o >= 0)
+    if offsets:
+        with open(path, "rb") as f:
+            line, pos = 1, 0
+            for offset in offsets:
+                while pos < offset:
+                    chunk = f.read(min(offset - pos, 1 << 24))
+                    if not chunk:
+                        break
+                    line, pos = line + chunk.count(b"\n"), pos + len(chunk)
+                line_of[offset] = line
+    return [f"{path}:{line_of[o]}" if o >= 0 else f"{path}: row {n + 1}" for n, o in rows]
 
 # -----------------------------------------------------------------------------
 # row formats: every supported row -> one checked conversation
@@ -266,31 +322,40 @@ def write_tokenizer_files(directory, tokenizer_path, system_prompt):
 def encode_rows(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip_bad_rows=False, source="data"):
     """Rows held in memory -> list of (input_ids, labels) lists and a stats dict (small data; big files
     go through the TokenCache below, which uses the same encode_block)."""
-    examples, stats = encode_block(list(enumerate(rows)), tokenizer, max_len, system_prompt, skip_bad_rows, source)
+    numbered = [(n, -1, row) for n, row in enumerate(rows)]
+    examples, stats = encode_block(numbered, tokenizer, max_len, system_prompt, skip_bad_rows, source)
+    stats["first_bad_rows"] = bad_row_lines(source, stats["first_bad_rows"])
     return [(ids, labels_from_spans(ids, spans).tolist()) for ids, spans, _ in examples], stats
 
 
-def encode_block(numbered_rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip_bad_rows=False,
-                 source="data"):
-    """(row_number, row) pairs -> (examples, stats): one (input_ids, spans, row_number) per kept example,
-    spans the [start, end) runs of supervised positions. Each supervised piece is tokenized on its own,
-    as at inference, where the prompt ends with `<|im_start|>assistant\\n` and the model continues from
-    there; runs of unsupervised text are tokenized together (one encode_batch call for the whole
-    block). Examples truncated to max_len with no supervised target left are dropped and counted."""
+def encode_block(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, skip_bad_rows=False, source="data"):
+    """(row_number, byte_offset, row) triples of source, as iter_rows(keep_bad=True) yields them -> (examples,
+    stats): one (input_ids, spans, row_number) per kept example, spans the [start, end) runs of
+    supervised positions. Each supervised piece is tokenized on its own, as at inference, where the
+    prompt ends with `<|im_start|>assistant\\n` and the model continues from there; runs of unsupervised
+    text are tokenized together (one encode_batch call for the whole block). Examples truncated to
+    max_len with no supervised target left are dropped and counted. A bad row (not a JSON object, or
+    content no format accepts) stops the block naming where it is (row_locations), or with
+    skip_bad_rows is counted, the first few kept as (row_number, byte_offset, reason) in the stats."""
     specials = {t: tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
     for t, i in specials.items():
         if i is None:
             raise DataError(f"the tokenizer has no {t} token: not a Qwen-2.5 (ChatML) tokenizer")
     stats = new_stats()
-    stats["rows"] = len(numbered_rows)
+    stats["rows"] = len(rows)
     convs = []
-    for n, row in numbered_rows:
+    for n, offset, row in rows:
         try:
+            if isinstance(row, DataError):  # a line iter_rows could not read as an object
+                raise row
             convs.append((n, merge_segments(row_segments(row, system_prompt))))
         except DataError as e:
             if not skip_bad_rows:
-                raise DataError(f"{source}: row {n}: {e} (pass skip_bad_rows to skip such rows)") from None
+                where = row_locations(source, [(n, offset)])[0]
+                raise DataError(f"{where}: {e} (pass skip_bad_rows to skip such rows)") from None
             stats["bad_rows_skipped"] += 1
+            if len(stats["first_bad_rows"]) < FIRST_BAD_ROWS:
+                stats["first_bad_rows"].append((n, offset, str(e)))
     pieces = [t for _, segs in convs for t, _ in segs if t not in specials]
     encoded = iter(tokenizer.encode_batch(pieces, add_special_tokens=False))
     examples = []
@@ -331,9 +396,19 @@ def supervised_per_span(spans):
     return np.maximum(spans[:, 1] - np.maximum(spans[:, 0], 1), 0)
 
 
+# skipped rows kept with their reasons in the stats (meta.json), so that a run can say which rows it skipped
+FIRST_BAD_ROWS = 5
+
+
 def new_stats():
-    return dict.fromkeys(("rows", "examples", "tokens", "supervised_tokens", "bad_rows_skipped", "truncated",
-                          "dropped_no_target"), 0)
+    counts = dict.fromkeys(("rows", "examples", "tokens", "supervised_tokens", "bad_rows_skipped", "truncated",
+                            "dropped_no_target"), 0)
+    return {**counts, "first_bad_rows": []}
+
+
+def bad_row_lines(source, bad):
+    # encode_block's first skipped rows, (row_number, byte_offset, reason) each -> "path:LINE: reason" lines
+    return [f"{where}: {why}" for where, (_, _, why) in zip(row_locations(source, [(n, o) for n, o, _ in bad]), bad)]
 
 
 def labels_from_spans(ids, spans):
@@ -356,6 +431,31 @@ def merge_segments(segs):
     return out
 
 # -----------------------------------------------------------------------------
+# checksums: every file a run trusts (the token cache, the target shards) carries the CRC-32 of its bytes,
+# computed as it is written and compared when it is opened for a run. CRC-32 (zip's, gzip's) catches
+# every burst of up to 32 changed bits and misses other damage with odds of 2^-32: a guard against
+# accidents (bit rot, an edit in place, a copy cut short), not against an adversary. On one core of the
+# bench machine zlib's runs at 5-6 GB/s, sha256 at 1.9 (with SHA-NI), blake2b at 1.3 (bench.py data).
+
+SCAN_CHUNK = 1 << 24  # a multiple of every item size, so each chunk holds whole values
+
+
+def scan(path, dtype=None):
+    """(crc32, largest value) of a file, read once in 16 MiB chunks; the largest value (as dtype: a token
+    id's bound) only when dtype is given, else -1."""
+    crc, top, buf = 0, -1, bytearray(SCAN_CHUNK)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(memoryview(buf)[:n], crc)
+            if dtype is not None:
+                top = max(top, int(np.frombuffer(buf, dtype, n // np.dtype(dtype).itemsize).max(initial=0)))
+    return crc, top
+
+
+def out_of_vocab(name, top, vocab):
+    return f"{name} holds token id {top:,}, outside the vocabulary of {vocab:,} ids"
+
+# -----------------------------------------------------------------------------
 # the token cache: every example of a data file tokenized once, memory-mapped by every rank
 #
 #   input_ids.u32   all examples' token ids back to back (uint32: Qwen's ids exceed 65,535)
@@ -364,10 +464,11 @@ def merge_segments(segs):
 #   span_offsets.i64  (N + 1,) where example i's spans start
 #   rows.i64        (N,) the data file's row number of each example
 #   line_offsets.i64  (R,) byte offset of every .jsonl row (evaluation rows are read back by seeking)
-#   meta.json       the key, counts and statistics; written last, and the directory is renamed into
-#                   place only when complete, so a killed build never leaves a cache a run trusts
+#   meta.json       the key, counts, each file's CRC-32 and the statistics; written last, and the
+#                   directory is renamed into place only when complete, so a killed build never leaves
+#                   a cache a run trusts
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json holds checksums; a cache without them is rebuilt, not trusted
 CACHE_ARRAYS = {"input_ids": np.uint32, "offsets": np.int64, "spans": np.int32, "span_offsets": np.int64,
                 "rows": np.int64, "line_offsets": np.int64}
 
@@ -449,8 +550,15 @@ class TokenCache:
         return np.add.reduceat(supervised_per_span(self.spans), self.span_offsets[:-1])
 
 
-def check_cache(path, key):
-    """None if path holds a complete cache for key, else the reason it cannot be used."""
+DAMAGED_CACHES = {}  # check_cache's memory: (path, vocab, each file's inode, size, mtime) -> why it is damaged
+
+
+def check_cache(path, key, vocab=None):
+    """None if path holds a complete, intact cache for key, else the reason it cannot be used. Cheap checks
+    first (meta.json, the key, every file's size); then every file is read once and compared with its
+    checksum, and, given vocab, every token id must be below it. A cache found damaged is remembered by
+    its files' identities, so a rank polling here each second (wait_until) while rank 0 rebuilds it does
+    not read it again; an intact one is read in full at each call (once per run)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         return "no meta.json (an interrupted build)"
@@ -465,6 +573,27 @@ def check_cache(path, key):
         p, want = os.path.join(path, f"{name}.bin"), meta["counts"][name] * np.dtype(dt).itemsize
         if not os.path.isfile(p) or os.path.getsize(p) != want:
             return f"{name}.bin has {os.path.getsize(p) if os.path.isfile(p) else 'no'} bytes, meta.json says {want}"
+    files = [meta_path] + [os.path.join(path, f"{name}.bin") for name in CACHE_ARRAYS]
+    try:
+        stamp = (path, vocab, *((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, files)))
+        if stamp not in DAMAGED_CACHES:
+            why = cache_damage(path, meta, vocab)
+            if why is None:
+                return None
+            DAMAGED_CACHES[stamp] = why
+        return DAMAGED_CACHES[stamp]
+    except OSError as e:  # a file gone while read: rank 0 replacing the cache
+        return f"unreadable ({first_line(e)})"
+
+
+def cache_damage(path, meta, vocab):
+    # check_cache's full read: None, or why the files are not what the build wrote
+    for name, dt in CACHE_ARRAYS.items():
+        crc, top = scan(os.path.join(path, f"{name}.bin"), dt if name == "input_ids" and vocab else None)
+        if crc != meta.get("crc32", {}).get(name):
+            return f"{name}.bin fails its checksum (changed after it was written)"
+        if vocab and top >= vocab:
+            return out_of_vocab(f"{name}.bin", top, vocab)
     c = TokenCache(path)
     if len(c.offsets) != len(c.rows) + 1 or (len(c.offsets) and c.offsets[-1] != len(c.input_ids)) \
             or (len(c.span_offsets) and c.span_offsets[-1] != len(c.spans)):
@@ -484,47 +613,48 @@ def build_cache(data_path, tokenizer, path, key, log=print, block_rows=2048):
     with atomic_dir(path) as tmp:
         with CacheWriter(tmp) as cache, concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = None  # the block the worker is encoding
-            for rows, line_offsets in row_blocks(data_path, key["max_rows"], block_rows):
-                cache.write("line_offsets", line_offsets)
+            for rows in row_blocks(data_path, key["max_rows"], block_rows):
+                cache.write("line_offsets", [offset for _, offset, _ in rows if offset >= 0])
                 if pending is not None:
                     cache.append(*pending.result())
                 pending = pool.submit(encode_block, rows, tokenizer, key["max_len"], key["system_prompt"],
                                       key["skip_bad_rows"], data_path)
                 if log and time.time() - last_log > 10:
                     last_log = time.time()
-                    n_read, pos = rows[-1][0] + 1, line_offsets[-1] if line_offsets else -1
+                    n_read, pos = rows[-1][0] + 1, rows[-1][1]
                     done = n_read / total_rows if total_rows else pos / total_bytes if pos > 0 else 0
                     log(progress_line(n_read, cache.counts["input_ids"], last_log - t0, done))
             if pending is not None:
                 cache.append(*pending.result())
         stats = dict(cache.stats, seconds=round(time.time() - t0, 1))
+        stats["first_bad_rows"] = bad_row_lines(data_path, stats["first_bad_rows"])
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: a cache without it is never trusted
-            json.dump({"key": key, "counts": cache.counts, "stats": stats}, f, indent=1)
+            json.dump({"key": key, "counts": cache.counts, "crc32": cache.crc32, "stats": stats}, f, indent=1)
     return stats
 
 
 def row_blocks(data_path, max_rows, block_rows):
-    """The data file's rows, block_rows at a time: ([(row_number, row), ...], their byte offsets if the
-    file is .jsonl, else [])."""
-    rows, line_offsets = [], []
-    for n, offset, row in iter_rows(data_path, max_rows):
-        rows.append((n, row))
-        if offset >= 0:
-            line_offsets.append(offset)
+    """The data file's rows, block_rows at a time, as iter_rows(keep_bad=True) yields them (a bad row is
+    encode_block's to skip or report)."""
+    rows = []
+    for row in iter_rows(data_path, max_rows, keep_bad=True):
+        rows.append(row)
         if len(rows) == block_rows:
-            yield rows, line_offsets
-            rows, line_offsets = [], []
+            yield rows
+            rows = []
     if rows:
-        yield rows, line_offsets
+        yield rows
 
 
 class CacheWriter:
-    """The flat files of a cache under construction, open for appending; counts what each holds and
-    totals encode_block's statistics, both for meta.json."""
+    """The flat files of a cache under construction, open for appending; counts what each holds, its
+    CRC-32 (of the bytes as they are written: the build reads nothing back) and totals encode_block's
+    statistics, all for meta.json."""
 
     def __init__(self, directory):
         self.files = {name: open(os.path.join(directory, f"{name}.bin"), "wb") for name in CACHE_ARRAYS}
-        self.counts, self.stats = dict.fromkeys(CACHE_ARRAYS, 0), new_stats()
+        self.counts, self.crc32 = dict.fromkeys(CACHE_ARRAYS, 0), dict.fromkeys(CACHE_ARRAYS, 0)
+        self.stats = new_stats()
         self.write("offsets", [0])  # example i spans offsets[i]:offsets[i + 1], so the first starts at 0
         self.write("span_offsets", [0])
 
@@ -536,9 +666,10 @@ class CacheWriter:
             f.close()
 
     def write(self, name, values):
-        a = np.asarray(values, dtype=CACHE_ARRAYS[name])
+        a = np.ascontiguousarray(values, dtype=CACHE_ARRAYS[name])
         a.tofile(self.files[name])
         self.counts[name] += a.size
+        self.crc32[name] = zlib.crc32(a, self.crc32[name])
 
     def append(self, examples, stats):
         # encode_block's output: (input_ids, spans, row_number) per example, and the block's stats
@@ -551,6 +682,7 @@ class CacheWriter:
         self.write("rows", [n for _, _, n in examples])
         for name, count in stats.items():
             self.stats[name] += count
+        del self.stats["first_bad_rows"][FIRST_BAD_ROWS:]
 
 
 def progress_line(rows_read, tokens, seconds, done):
@@ -563,12 +695,17 @@ def progress_line(rows_read, tokens, seconds, done):
 # the target pass (deltakd.compute_targets) and memory-mapped by every rank
 
 
+# 2: each shard holds crc32.json. The store's key (deltakd.targets_key) carries it: an older store is refused
+STORE_FORMAT = 2
+
+
 class TargetStore:
     """DIR/shard-NNNNN/{ids,logp,rest}.bin: (M, K) uint32 ids, (M, K) log-probabilities and (M,) float32
     log rest mass for the M supervised positions of examples [N*shard, (N+1)*shard) of the cache, in
-    example order and, within an example, position order (the loss's). A shard directory gets its name
-    only when complete, so a half-written shard is never read. DIR/key.json says what the targets
-    depend on (deltakd.targets_key): a store for another key is refused, naming what differs."""
+    example order and, within an example, position order (the loss's), and crc32.json, their checksums,
+    written last. A shard directory gets its name only when complete, so a half-written shard is never
+    read. DIR/key.json says what the targets depend on (deltakd.targets_key, whose "format" is
+    STORE_FORMAT): a store for another key is refused, naming what differs."""
 
     def __init__(self, directory, cache, key):
         self.dir, self.key, self.k, self.shard = directory, key, key["topk"], key["shard"]
@@ -596,23 +733,63 @@ class TargetStore:
     def rows(self, s):
         return int(self.offsets[min((s + 1) * self.shard, self.n_examples)] - self.offsets[s * self.shard])
 
+    def shard_dir(self, s):
+        return os.path.join(self.dir, f"shard-{s:05d}")
+
     def files(self, s, directory=None):
-        d = directory or os.path.join(self.dir, f"shard-{s:05d}")
+        d = directory or self.shard_dir(s)
         M = self.rows(s)
         return {"ids": (os.path.join(d, "ids.bin"), np.uint32, (M, self.k)),
                 "logp": (os.path.join(d, "logp.bin"), self.logp_dtype, (M, self.k)),
                 "rest": (os.path.join(d, "rest.bin"), np.float32, (M,))}
 
     def complete(self, s):
-        return all(os.path.isfile(p) and os.path.getsize(p) == np.dtype(dt).itemsize * math.prod(shape)
-                   for p, dt, shape in self.files(s).values())
+        """Cheap, for polling: the shard's files have their sizes and its checksums were written (last)."""
+        return os.path.isfile(os.path.join(self.shard_dir(s), "crc32.json")) and not self.wrong_size(s)
+
+    def wrong_size(self, s):
+        for name, (p, dt, shape) in self.files(s).items():
+            want = np.dtype(dt).itemsize * math.prod(shape)
+            have = os.path.getsize(p) if os.path.isfile(p) else None
+            if have != want:
+                return f"{name}.bin has {'no' if have is None else f'{have:,}'} bytes, {want:,} expected"
+        return None
+
+    def damage(self, s):
+        """Why shard s cannot be used, None if it can: not written, a file missing or of the wrong size, no
+        checksums (cut short, or written before they existed), a file that fails its checksum, an id
+        outside the vocabulary. Reads the whole shard (the target pass checks each before trusting it)."""
+        if not os.path.isdir(self.shard_dir(s)):
+            return "not computed"
+        sums_path = os.path.join(self.shard_dir(s), "crc32.json")
+        why = self.wrong_size(s) or (None if os.path.isfile(sums_path) else
+                                     "no crc32.json (cut short, or written before shards had checksums)")
+        if why:
+            return why
+        try:
+            with open(sums_path) as f:
+                sums = json.load(f)
+            for name, (p, dt, _) in self.files(s).items():
+                crc, top = scan(p, dt if name == "ids" else None)
+                if not isinstance(sums, dict) or crc != sums.get(name):
+                    return f"{name}.bin fails its checksum (changed after it was written)"
+                if top >= self.key["vocab"]:
+                    return out_of_vocab(f"{name}.bin", top, self.key["vocab"])
+        except (OSError, ValueError) as e:  # json's errors are ValueErrors
+            return f"unreadable ({first_line(e)})"
+        return None
 
     def write(self, s, arrays):
-        # arrays {"ids", "logp", "rest"} of the shard's rows
-        with atomic_dir(os.path.join(self.dir, f"shard-{s:05d}")) as tmp:  # over a damaged one, if any
+        # arrays {"ids", "logp", "rest"} of the shard's rows; each file's CRC-32 of the bytes as written
+        with atomic_dir(self.shard_dir(s)) as tmp:  # over a damaged one, if any
+            sums = {}
             for name, (p, dt, shape) in self.files(s, tmp).items():
                 assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
-                arrays[name].astype(dt).tofile(p)
+                a = np.ascontiguousarray(arrays[name], dtype=dt)
+                a.tofile(p)
+                sums[name] = zlib.crc32(a)
+            with open(os.path.join(tmp, "crc32.json"), "w") as f:  # last: a shard without it is never trusted
+                json.dump(sums, f)
 
     def get(self, examples):
         """{"ids", "logp", "rest"}: the rows of these examples, concatenated in the given order."""
@@ -702,17 +879,24 @@ def collate(examples, pad_id, multiple=1):
 # evaluation examples: held-out rows, scored on their first exchange
 
 
-def held_out_rows(n_rows, eval_size, seed):
-    """The row numbers held out for evaluation: eval_size of range(n_rows), chosen by seed alone (so a
-    run with --max_rows or a rebuilt cache holds out the same rows), sorted."""
-    if eval_size >= n_rows:
-        raise DataError(f"eval_size={eval_size} leaves no training rows out of {n_rows}")
-    return np.sort(np.random.default_rng(seed).permutation(n_rows)[:eval_size])
+def held_out_rows(rows, n_rows, eval_size, seed):
+    """The row numbers held out for evaluation, sorted: in the order of a permutation of range(n_rows) drawn
+    from seed alone, the first eval_size that are among rows (those that made it into the token cache,
+    so a skipped or dropped row is never drawn). With every row present they are the permutation's
+    first eval_size: a rebuilt cache, or one that skips another row, holds out the same rows."""
+    present = np.zeros(n_rows, dtype=bool)
+    present[np.asarray(rows, dtype=np.int64)] = True
+    usable = int(present.sum())
+    if eval_size >= usable:
+        of = f"{usable}" if usable == n_rows else f"the {usable} usable of {n_rows}"
+        raise DataError(f"eval_size={eval_size} leaves no training rows out of {of}")
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return np.sort(order[present[order]][:eval_size])
 
 
 def split_rows(rows, eval_size, seed):
     """(train_rows, eval_rows) of rows held in memory, disjoint, as held_out_rows chooses them."""
-    held = set(held_out_rows(len(rows), eval_size, seed).tolist())
+    held = set(held_out_rows(np.arange(len(rows)), len(rows), eval_size, seed).tolist())
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
@@ -747,8 +931,8 @@ def eval_examples(rows, tokenizer, max_len, system_prompt=SYSTEM_PROMPT_BASE, so
         try:
             firsts.append(first_exchange(row))
         except DataError as e:
-            raise DataError(f"{source}: row {i}: {e}") from None
-    numbered = [(i, {"messages": msgs}) for i, msgs in enumerate(firsts)]
+            raise DataError(f"{row_locations(source, [(i, -1)])[0]}: {e}") from None
+    numbered = [(i, -1, {"messages": msgs}) for i, msgs in enumerate(firsts)]
     examples, _ = encode_block(numbered, tokenizer, max_len, system_prompt, source=source)
     out = []
     for ids, spans, i in examples:

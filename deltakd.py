@@ -19,9 +19,9 @@ stored targets -> evaluation -> checkpoints -> training -> dry run -> the demo -
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -31,7 +31,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from typing import NamedTuple
@@ -111,7 +110,8 @@ class Config:
     out_dir: str = "out"
     save_every: int = 0         # 0: only at the end
     keep_last: int = 2
-    resume: bool = False
+    resume: bool = False        # continue from the newest intact checkpoint in out_dir (the same run: RUN_KEYS)
+    resume_allow: str = ""      # comma-separated RUN_KEYS a resumed run may change (e.g. a model that moved)
     seed: int = 1337
     device: str = "auto"
     peak_tflops: float = 0.0    # per device, for MFU in the log; 0: 989 on H100/H200, 312 on A100 (bf16 dense), else none
@@ -147,6 +147,19 @@ def divergence_of(cfg):
     return cfg.divergence if method.divergence_flag else method.divergence
 
 
+# the values each numeric flag accepts, refused in parse_args before any work (a float must also be finite)
+FLAG_RANGES = [
+    (("batch_size", "grad_accum", "epochs", "topk", "targets_shard", "chunk_size", "eval_batch_size", "eval_seeds",
+      "eval_max_new_tokens", "seqkd_max_new_tokens"), lambda v: v >= 1, ">= 1"),
+    (("max_rows", "eval_size", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "alpha", "eval_every",
+      "eval_temperature", "save_every", "keep_last", "peak_tflops"), lambda v: v >= 0, ">= 0"),
+    (("lr", "temperature"), lambda v: v > 0, "> 0"),
+    (("lam", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("max_len",), lambda v: v >= 2, ">= 2 (a prompt token and a supervised one)"),
+]
+
+
 def parse_args(argv, cfg=None):
     cfg = cfg or Config()
     types = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -169,20 +182,29 @@ def parse_args(argv, cfg=None):
             raise SystemExit(f"--{key}={val}: expected {typ.__name__}") from None
         setattr(cfg, key, v)
         given.add(key)
+    for keys, ok, text in FLAG_RANGES:
+        for key in keys:
+            v = getattr(cfg, key)
+            if not (ok(v) and math.isfinite(v)):
+                raise SystemExit(f"--{key}={v}: must be {text}")
     if cfg.method not in METHODS:
         raise SystemExit(f"--method={cfg.method}: expected one of {', '.join(METHODS)}")
     if "divergence" in given and not METHODS[cfg.method].divergence_flag:
         raise SystemExit(f"--divergence has no effect with --method={cfg.method} (only delta takes it)")
     if cfg.divergence not in DIVERGENCES or cfg.loss_impl not in ("chunked", "dense"):
         raise SystemExit(f"--divergence is one of {', '.join(DIVERGENCES)}; --loss_impl is chunked or dense")
-    if not 0.0 <= cfg.lam <= 1.0 or cfg.temperature <= 0:
-        raise SystemExit("--lam must be in [0, 1] and --temperature > 0")
     if cfg.targets_dir and divergence_of(cfg) is None:
         raise SystemExit(f"--targets_dir has no effect with --method={cfg.method} (no teacher distribution)")
-    if cfg.targets_dtype not in ("float32", "float16") or cfg.autocast not in ("auto", "bf16", "none"):
-        raise SystemExit("--targets_dtype is float32 or float16; --autocast is auto, bf16 or none")
-    if cfg.eval_seeds < 1 or cfg.eval_temperature < 0 or ("eval_seeds" in given and cfg.eval_temperature == 0):
-        raise SystemExit("--eval_seeds >= 1 goes with --eval_temperature > 0 (the sampled protocol; greedy "
+    if cfg.targets_dtype not in ("float32", "float16") or cfg.autocast not in ("auto", "bf16", "none") \
+            or cfg.teacher_dtype not in ("bfloat16", "float16", "float32"):
+        raise SystemExit("--targets_dtype is float32 or float16; --autocast is auto, bf16 or none; "
+                         "--teacher_dtype is bfloat16, float16 or float32")
+    unknown = set(filter(None, cfg.resume_allow.split(","))) - set(RUN_KEYS) - set(RUN_FACTS)
+    if unknown:
+        raise SystemExit(f"--resume_allow={cfg.resume_allow}: {', '.join(sorted(unknown))} not among "
+                         f"{', '.join(RUN_KEYS + RUN_FACTS)}")
+    if "eval_seeds" in given and cfg.eval_temperature == 0:
+        raise SystemExit("--eval_seeds goes with --eval_temperature > 0 (the sampled protocol; greedy "
                          "answers are always scored too)")
     return cfg
 
@@ -522,6 +544,7 @@ class Run:
     tokenizer: Tokenizer
     tokenizer_path: str
     spec: LossSpec
+    resume_from: str | None = None  # the checkpoint this run continues (resume_point)
 
     @property
     def master(self):
@@ -540,6 +563,8 @@ def start(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     run = Run(cfg, rank, world, device, tokenizer, tokenizer_path, loss_spec(cfg, tokenizer.get_vocab_size()))
+    if not cfg.eval_only:
+        run = dataclasses.replace(run, resume_from=resume_point(run))
     if run.master and not cfg.quiet:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         if METHODS[cfg.method].shift and cfg.alpha == 0:
@@ -586,8 +611,8 @@ def frozen_dirs(cfg):
 
 
 def check_inputs(cfg):
-    """Everything that can be checked before loading weights: paths, tokenizer agreement, vocab sizes,
-    an output directory we can write. Returns the tokenizer and its path."""
+    """Everything that can be checked before loading weights or tokenizing: paths, the models' files,
+    tokenizer agreement, vocab sizes. Returns the tokenizer and its path."""
     dirs = model_dirs(cfg)
     for role, path in dirs.items():
         if not path:
@@ -600,6 +625,8 @@ def check_inputs(cfg):
         path = getattr(cfg, key)
         if (path or (key == "train_data" and not cfg.eval_only)) and not os.path.isfile(path):
             raise SystemExit(f"--{key}={path}: no such file")
+        if path:
+            data.check_data_file(path)
     tok_path = cfg.tokenizer or os.path.join(cfg.student, "tokenizer.json")
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer: {tok_path} does not exist (pass --tokenizer=.../tokenizer.json)")
@@ -614,12 +641,7 @@ def check_inputs(cfg):
         n = qwen.QwenConfig.from_json(os.path.join(path, "config.json")).vocab_size
         if n < len(vocab):
             raise SystemExit(f"--{role}={path}: vocab_size {n} is smaller than the tokenizer's {len(vocab)} tokens")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cfg.out_dir):
-            pass
-    except OSError as e:
-        raise SystemExit(f"--out_dir={cfg.out_dir} is not writable: {e}") from None
+        qwen.check_model_dir(path)  # the weights' headers against config.json and the file sizes: a cut file stops here
     return tokenizer, tok_path
 
 
@@ -641,8 +663,9 @@ def token_cache(run, path):
     root = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     where = data.cache_dir_for(root, key)
     log = print if run.master and not cfg.quiet else None
+    vocab = run.spec.vocab  # every id is checked against it, with every file's checksum
     if run.master:
-        why = data.check_cache(where, key)
+        why = data.check_cache(where, key, vocab)
         if why:
             if os.path.exists(where):
                 print(f"token cache {where}: {why}; rebuilding it", flush=True)
@@ -653,11 +676,15 @@ def token_cache(run, path):
                 f.write(json.dumps({"cache": os.path.basename(where), "time": time.time(), "pid": os.getpid(),
                                     "host": os.uname().nodename, **stats}) + "\n")
     else:
-        data.wait_until(lambda: data.check_cache(where, key) is None, f"rank 0 to build or check the token cache {where}",
-                        run.rank)
+        data.wait_until(lambda: data.check_cache(where, key, vocab) is None,
+                        f"rank 0 to build or check the token cache {where}", run.rank)
     cache = data.TokenCache(where)
+    stats = cache.meta["stats"]
     if log:
-        log(f"data {path}: {cache.meta['stats']} (cache {where})")
+        log(f"data {path}: {stats} (cache {where})")
+    if run.master and stats["bad_rows_skipped"]:
+        print(f"{path}: skipped {stats['bad_rows_skipped']:,} bad row(s) (--skip_bad_rows=true); the first: "
+              f"{stats['first_bad_rows'][0]}", flush=True)
     if len(cache) == 0:
         raise SystemExit(f"{path}: no example has a supervised (assistant) token within max_len={cfg.max_len}")
     return cache
@@ -665,24 +692,26 @@ def token_cache(run, path):
 
 def load_data(run):
     """(cache, training example indices, held-out data.EvalExamples). The held-out rows are chosen by seed
-    among the file's rows (data.held_out_rows) and read back from the file alone; the cache is shared
-    by every split."""
+    among the rows that made it into the cache (data.held_out_rows) and read back from the file alone;
+    the cache is shared by every split. A given --eval_data is read first: a bad row there stops the
+    run before the training data is tokenized."""
     cfg = run.cfg
+    examples = functools.partial(data.eval_examples, tokenizer=run.tokenizer, max_len=cfg.max_len,
+                                 system_prompt=cfg.system_prompt)
+    evalset = examples(data.read_rows(cfg.eval_data), source=cfg.eval_data) if cfg.eval_data else []
     cache = token_cache(run, cfg.train_data)
-    if cfg.eval_data or cfg.eval_size <= 0:
-        train_idx = np.arange(len(cache))
-        eval_rows = data.read_rows(cfg.eval_data) if cfg.eval_data else []
-    else:
-        held = data.held_out_rows(cache.meta["stats"]["rows"], cfg.eval_size, cfg.seed)
+    train_idx = np.arange(len(cache))
+    if not cfg.eval_data and cfg.eval_size > 0:
+        held = data.held_out_rows(cache.rows, cache.meta["stats"]["rows"], cfg.eval_size, cfg.seed)
         train_idx = np.flatnonzero(~np.isin(cache.rows, held))
         found = data.read_rows_at(cfg.train_data, held, cache.line_offsets)
-        eval_rows = [found[n] for n in held.tolist()]
+        evalset = examples([found[n] for n in held.tolist()], source=cfg.train_data)
     if METHODS[cfg.method].generator:
         cache = token_cache(run, seqkd_data(run, cache, train_idx))
         train_idx = np.arange(len(cache))
     if len(train_idx) == 0:
         raise SystemExit(f"{cfg.train_data}: no training example left after holding out {cfg.eval_size} rows")
-    return cache, train_idx, data.eval_examples(eval_rows, run.tokenizer, cfg.max_len, cfg.system_prompt)
+    return cache, train_idx, evalset
 
 
 def seqkd_data(run, cache, train_idx):
@@ -697,7 +726,8 @@ def seqkd_data(run, cache, train_idx):
         answers = generate_all(run, load_frozen_model(run, generator), prompts, cfg.seqkd_max_new_tokens)
         if run.master:
             wanted = set(cache.rows[train_idx].tolist())  # row numbers, ascending like train_idx
-            firsts = (data.first_exchange(row) for n, _, row in data.iter_rows(cfg.train_data, cfg.max_rows) if n in wanted)
+            rows = data.iter_rows(cfg.train_data, cfg.max_rows, keep_bad=True)  # a skipped row is not wanted
+            firsts = (data.first_exchange(row) for n, _, row in rows if n in wanted)
             with open(path + ".tmp", "w") as f:
                 for msgs, answer in zip(firsts, answers):
                     if answer.strip():  # an empty teacher answer cannot be supervised
@@ -719,7 +749,7 @@ def seqkd_data(run, cache, train_idx):
 
 def targets_key(run, cache):
     cfg, vocab = run.cfg, run.spec.vocab
-    return {"format": 1, "tokens": cache.meta["key"], "vocab": vocab, "topk": min(cfg.topk, vocab),
+    return {"format": data.STORE_FORMAT, "tokens": cache.meta["key"], "vocab": vocab, "topk": min(cfg.topk, vocab),
             "models": {role: qwen.model_identity(path) for role, path in frozen_dirs(cfg).items()},
             "alpha": cfg.alpha if len(run.spec.weights) > 1 else None,  # no shift: one store for fkl, rkl, alpha 0
             "temperature": cfg.temperature, "teacher_dtype": cfg.teacher_dtype,
@@ -740,7 +770,13 @@ def compute_targets(run, cache, store):
     A killed pass resumes from the finished shards."""
     cfg, spec = run.cfg, run.spec
     store.open_or_claim(run.rank)
-    todo = [s for s in range(run.rank, store.n_shards, run.world) if not store.complete(s)]
+    todo = []
+    for s in range(run.rank, store.n_shards, run.world):  # each rank reads the shards it owns, whole
+        why = store.damage(s)
+        if why and os.path.isdir(store.shard_dir(s)):
+            print(f"targets: {store.shard_dir(s)}: {why}; computing it again", flush=True)
+        if why:
+            todo.append(s)
     if todo:
         frozen = load_frozen(run)
         t0, rows = time.time(), 0
@@ -907,32 +943,143 @@ def autocast(device, mode="auto"):
 # checkpoints
 
 
+# what a resumed run shares with the run it continues: a change is refused, naming each key, unless
+# --resume_allow names it too. Model paths count (a moved model: allow its key); so do the data's bytes
+RUN_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "max_rows", "eval_data",
+            "eval_size", "max_len", "system_prompt", "skip_bad_rows", "method", "divergence", "lam", "alpha",
+            "temperature", "teacher_dtype", "autocast", "batch_size", "seed")
+RUN_FACTS = ("micro_batches_per_step", "stored_targets", "train_data_content")  # the rest of run_identity
+# the schedule may change on resume (e.g. a finished run continued to a larger max_steps); the run says so
+SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
+                 "grad_clip")
+
+
+def run_identity(run):
+    """RUN_KEYS' values, the step's geometry (micro-batches of all ranks), where the target comes from and
+    the training data's bytes (data.file_identity without its mtime: a copy is the same data)."""
+    cfg = run.cfg
+    content = data.file_identity(cfg.train_data) if cfg.train_data else None
+    content = content and {k: v for k, v in content.items() if k != "mtime_ns"}
+    stored = {"topk": cfg.topk, "targets_dtype": cfg.targets_dtype} if cfg.targets_dir else None
+    return {**{k: getattr(cfg, k) for k in RUN_KEYS}, "micro_batches_per_step": run.world * cfg.grad_accum,
+            "stored_targets": stored, "train_data_content": content}
+
+
+def resume_point(run):
+    """The checkpoint a run continues from (None: step 0), chosen before any long work. Without --resume an
+    out_dir holding checkpoints is refused (they would be mixed with this run's); with it, the newest
+    intact checkpoint, skipping damaged ones with a message, whose run must be this run (RUN_KEYS)."""
+    cfg, found = run.cfg, checkpoints(run.cfg.out_dir)
+    if not cfg.resume:
+        if found:
+            raise SystemExit(f"--out_dir={cfg.out_dir} holds checkpoints of an earlier run (newest "
+                             f"{os.path.basename(found[-1])}): pass --resume=true to continue it, or another --out_dir")
+        return None
+    for ckpt in reversed(found):
+        why = checkpoint_damage(ckpt)
+        if why is None:
+            break
+        if run.master:
+            print(f"resume: {ckpt} is damaged ({why}); trying the checkpoint before it", flush=True)
+    else:
+        if found:
+            raise SystemExit(f"--resume=true: no checkpoint in {cfg.out_dir} is intact; move them away to start afresh")
+        return None
+    with open(os.path.join(ckpt, "run.json")) as f:
+        theirs = json.load(f)
+    check_same_run(run, theirs, ckpt)
+    return ckpt
+
+
+def check_same_run(run, theirs, ckpt):
+    # refuses a changed run (RUN_KEYS), tells a changed schedule
+    cfg, ours = run.cfg, run_identity(run)
+    allowed = set(filter(None, cfg.resume_allow.split(",")))
+    changed = [k for k in data.differing(theirs["identity"], ours) if k.split(".")[0] not in allowed]
+    if changed:
+        keys = ",".join(sorted({k.split(".")[0] for k in changed}))
+        values = ", ".join(f"{k} ({value_at(theirs['identity'], k)} -> {value_at(ours, k)})" for k in changed)
+        raise SystemExit(f"--resume=true: this run differs from the one in {ckpt} in {values}; a resumed "
+                         f"run must be the same run. Pass --resume_allow={keys} to continue it anyway, or use another "
+                         "--out_dir")
+    schedule = [f"{k} {theirs['config'][k]} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
+                if theirs["config"].get(k) != getattr(cfg, k)]
+    if schedule and run.master:
+        print(f"resume: the schedule changed ({', '.join(schedule)}); the steps from {theirs['step']} on follow "
+              "the new one", flush=True)
+
+
+def value_at(d, dotted):
+    # d["a"]["b"] for "a.b" (None where a level is missing)
+    for k in dotted.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def checkpoint_damage(ckpt):
+    """Why a checkpoint cannot be resumed from (None if it can): its run.json (written last) unreadable, a
+    file whose size differs from the one run.json recorded, a model or trainer state that does not open."""
+    try:
+        with open(os.path.join(ckpt, "run.json")) as f:
+            record = json.load(f)
+        files, _, _ = record["files"], record["identity"], record["config"]
+        for name, size in files.items():
+            have = os.path.getsize(os.path.join(ckpt, name)) if os.path.isfile(os.path.join(ckpt, name)) else None
+            if have != size:
+                return f"{name} has {'no' if have is None else f'{have:,}'} bytes, {size:,} were written"
+        qwen.check_model_dir(ckpt)
+        torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
 def save_checkpoint(run, step, student):
     """out_dir/ckpt-{step}: a complete Hugging Face model directory (weights, config, tokenizer with its
-    chat template, generation config) + trainer_state.pt (optimizer, step, RNG states), written
-    atomically: a kill leaves the previous checkpoint intact and no half-written one."""
-    cfg = run.cfg
+    chat template, generation config) + trainer_state.pt (optimizer, step, RNG states) + run.json (the
+    run's identity and every file's size), written atomically: a kill leaves the previous checkpoint
+    intact and no half-written one. A failed write (a full disk) stops the run naming the intact one."""
+    cfg, ckpt = run.cfg, checkpoint_dir(run.cfg.out_dir, step)
     if cfg.zero:
         student.optimizer.consolidate_state_dict(to=0)  # every rank must join; rank 0 receives the full state
     if not run.master:
         return
-    with qwen.atomic_dir(checkpoint_dir(cfg.out_dir, step)) as tmp:
-        student.model.write_pretrained(tmp)
-        data.write_tokenizer_files(tmp, run.tokenizer_path, cfg.system_prompt)
-        torch.save({"step": step, "optimizer": student.optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                            "numpy": np.random.get_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-                   os.path.join(tmp, "trainer_state.pt"))
+    try:
+        with qwen.atomic_dir(ckpt) as tmp:
+            student.model.write_pretrained(tmp)
+            data.write_tokenizer_files(tmp, run.tokenizer_path, cfg.system_prompt)
+            torch.save({"step": step, "optimizer": student.optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                "numpy": np.random.get_state(),
+                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                       os.path.join(tmp, "trainer_state.pt"))
+            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+            with open(os.path.join(tmp, "run.json"), "w") as f:  # last: a checkpoint without it is not complete
+                json.dump({"step": step, "identity": run_identity(run), "config": dataclasses.asdict(cfg),
+                           "files": files}, f, indent=1)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        free = shutil.disk_usage(cfg.out_dir).free
+        need = 3 * sum(p.numel() * p.element_size() for p in student.model.parameters())  # weights + AdamW m, v
+        why = f"no space left on the disk holding {cfg.out_dir} ({free / 1e9:.2f} GB free, a checkpoint takes " \
+              f"about {need / 1e9:.2f} GB)" if free < need else str(e).splitlines()[0]
+        raise SystemExit(f"could not write {ckpt}: {why}; {intact_checkpoint(cfg.out_dir)}") from None
     for old in checkpoints(cfg.out_dir)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def intact_checkpoint(out_dir):
+    # what a stopped run leaves to resume from, for its last message
+    found = checkpoints(out_dir)
+    if not found:
+        return "no checkpoint has been written yet"
+    return f"the newest checkpoint, {found[-1]}, is intact (continue with --resume=true)"
+
+
 def load_checkpoint(run, student):
-    """The step of the newest complete checkpoint, with the weights, optimizer and RNG states restored."""
-    last = checkpoints(run.cfg.out_dir)[-1]
-    state = torch.load(os.path.join(last, "trainer_state.pt"), map_location=run.device, weights_only=False)
-    student.model.load_state_dict(qwen.Qwen.from_pretrained(last, dtype=torch.float32, device=run.device).state_dict())
+    """The step of run.resume_from, with the weights, optimizer and RNG states restored."""
+    ckpt = run.resume_from
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=run.device, weights_only=False)
+    student.model.load_state_dict(qwen.Qwen.from_pretrained(ckpt, dtype=torch.float32, device=run.device).state_dict())
     student.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     random.setstate(state["rng"]["python"])
@@ -940,7 +1087,7 @@ def load_checkpoint(run, student):
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     if run.master and not run.cfg.quiet:
-        print(f"resumed from {last} at step {state['step']}")
+        print(f"resumed from {ckpt} at step {state['step']}")
     return state["step"]
 
 
@@ -951,7 +1098,51 @@ def checkpoint_dir(out_dir, step):
 def checkpoints(out_dir):
     # complete checkpoints only: a directory gets its final name after everything in it was written
     return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt-*"))
-                  if os.path.isfile(os.path.join(d, "trainer_state.pt")))
+                  if os.path.isfile(os.path.join(d, "run.json")))
+
+
+class OutDirLock:
+    """One run per out_dir: rank 0 holds an flock on out_dir/.lock for the run's life (the kernel drops it when
+    the process dies, so a crashed run never blocks the next); a second run refuses, naming the holder.
+    It also removes what a killed run left: partial checkpoints (.tmp-ckpt-*) and ones being replaced."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.file = out_dir, None
+
+    def __enter__(self):
+        if int(os.environ.get("RANK", 0)) != 0:  # torchrun's other ranks share rank 0's lock
+            return self
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.file = open(os.path.join(self.out_dir, ".lock"), "a+")
+        except OSError as e:
+            raise SystemExit(f"--out_dir={self.out_dir} is not writable: {e}") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "a process that has not written its name yet"
+            self.file.close()
+            raise SystemExit(f"--out_dir={self.out_dir} is in use by another run ({holder}); wait for it to "
+                             "finish or choose another --out_dir") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        self.remove_leftovers()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.file:
+            self.file.close()
+
+    def remove_leftovers(self):
+        leftovers = glob.glob(os.path.join(self.out_dir, ".tmp-ckpt-*")) + glob.glob(os.path.join(self.out_dir, "ckpt-*.old"))
+        if leftovers:
+            size = sum(os.path.getsize(os.path.join(r, f)) for d in leftovers for r, _, fs in os.walk(d) for f in fs)
+            for d in leftovers:
+                shutil.rmtree(d, ignore_errors=True)
+            print(f"{self.out_dir}: removed {len(leftovers)} partial checkpoint(s) left by a killed run "
+                  f"({size / 1e9:.2f} GB)", flush=True)
 
 # -----------------------------------------------------------------------------
 # training
@@ -1055,12 +1246,12 @@ def train_step(run, student, target, micro, step, total):
         sums += torch.stack([loss.detach(), sft, kd]).double()
     sums = all_reduce(sums) / n_tokens
     if not torch.isfinite(sums).all():
-        raise SystemExit(f"non-finite loss at step {step + 1} ({sums.tolist()}); stopping without saving. "
-                         f"The last good checkpoint in {cfg.out_dir} is untouched.")
+        raise SystemExit(f"non-finite loss at step {step + 1} ({sums.tolist()}); stopping without saving: "
+                         f"{intact_checkpoint(cfg.out_dir)}")
     gnorm = torch.nn.utils.clip_grad_norm_(student.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if not torch.isfinite(gnorm):
-        raise SystemExit(f"non-finite gradient norm at step {step + 1}; stopping without saving. "
-                         f"The last good checkpoint in {cfg.out_dir} is untouched.")
+        raise SystemExit(f"non-finite gradient norm at step {step + 1}; stopping without saving: "
+                         f"{intact_checkpoint(cfg.out_dir)}")
     student.optimizer.step()
     student.optimizer.zero_grad(set_to_none=True)
     n_in, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro), step_flops(micro, student, target)],
@@ -1094,6 +1285,17 @@ class Log:
         self.run, self.path = run, os.path.join(run.cfg.out_dir, "metrics.jsonl")
         self.t_start, self.peak = time.time(), peak_flops(run.cfg, run.device)
 
+    def continue_from(self, step):
+        """A training run keeps only the records of the steps it continues from: none for a fresh start, the
+        first `step` ones on resume (the steps after the checkpoint are trained, and logged, again)."""
+        if not self.run.master or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
     def step(self, step, total, rec, seconds):
         if not self.run.master:
             return
@@ -1120,17 +1322,27 @@ class Log:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM and most clusters send before a kill) only set a flag; the loop
-    finishes the optimizer step, all ranks agree, a checkpoint is written and the run exits 0, so
-    a requeued job with --resume=true continues bit-exactly."""
+    """While the training loop runs, SIGTERM / SIGUSR1 (what SLURM and most clusters send before a kill) and a
+    first Ctrl-C (SIGINT) only set a flag: the loop finishes the optimizer step, all ranks agree, a checkpoint
+    is written and the run exits 0, so --resume=true continues bit-exactly. A second Ctrl-C stops at once."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
-        self.requested = None
+    def __enter__(self):
+        self.requested, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self.handle)
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested == "SIGINT":
+                raise KeyboardInterrupt
+            if int(os.environ.get("RANK", 0)) == 0:  # a terminal's Ctrl-C reaches every rank
+                print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)", flush=True)
         self.requested = signal.Signals(signum).name
 
     def agreed(self, device):
@@ -1149,40 +1361,43 @@ def eval_only(run):
 
 def train(cfg):
     """One run of the configured method; returns the final evaluation scores (rank 0) or {}."""
-    run = start(cfg)
-    if cfg.eval_only:
-        return eval_only(run)
-    cache, train_idx, evalset = load_data(run)  # tokenized once into a memory-mapped cache
-    target = load_target(run, cache)  # stored on disk by the target pass, or the frozen models live
-    if cfg.targets_only and cfg.targets_dir:
-        return {}
-    student = build_student(run)
-    batches = data.Batches(cache.lengths[train_idx], cfg.batch_size, cfg.seed, run.world * cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
-    if run.master and not cfg.quiet:
-        print(f"padding: {data.padding_fraction(batches.batches, batches.lengths):.1%} of batch tokens")
-    step = load_checkpoint(run, student) if cfg.resume and checkpoints(cfg.out_dir) else 0
-    log, preemption = Log(run), Preemption()
-    evaluation = Evaluation(run, evalset, target.frozen, log)
-    student.model.train()
-    while step < total:
-        t0 = time.time()
-        micro = micro_batches(run, cache, [train_idx[b] for b in batches.at(step, run.rank, run.world)])
-        rec = train_step(run, student, target, micro, step, total)
-        step += 1
-        log.step(step, total, rec, time.time() - t0)
-        if preemption.agreed(run.device):
-            save_checkpoint(run, step, student)
-            if run.master:
-                print(f"{preemption.requested or 'a signal on another rank'}: saved step {step} to {cfg.out_dir}; "
-                      "exiting (continue with --resume=true)", flush=True)
+    with OutDirLock(cfg.out_dir):
+        run = start(cfg)  # every input checked; the checkpoint to resume from chosen
+        if cfg.eval_only:
+            return eval_only(run)
+        cache, train_idx, evalset = load_data(run)  # tokenized once into a memory-mapped cache
+        target = load_target(run, cache)  # stored on disk by the target pass, or the frozen models live
+        if cfg.targets_only and cfg.targets_dir:
             return {}
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total and evalset:
-            evaluation(student.model, step, f"step{step}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-            save_checkpoint(run, step, student)
-    scores = evaluation(student.model, step, "final") if evalset else {}
-    return scores if run.master else {}
+        student = build_student(run)
+        batches = data.Batches(cache.lengths[train_idx], cfg.batch_size, cfg.seed, run.world * cfg.grad_accum)
+        total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+        if run.master and not cfg.quiet:
+            print(f"padding: {data.padding_fraction(batches.batches, batches.lengths):.1%} of batch tokens")
+        step = load_checkpoint(run, student) if run.resume_from else 0
+        log = Log(run)
+        log.continue_from(step)
+        evaluation = Evaluation(run, evalset, target.frozen, log)
+        student.model.train()
+        with Preemption() as preemption:
+            while step < total:
+                t0 = time.time()
+                micro = micro_batches(run, cache, [train_idx[b] for b in batches.at(step, run.rank, run.world)])
+                rec = train_step(run, student, target, micro, step, total)
+                step += 1
+                log.step(step, total, rec, time.time() - t0)
+                if preemption.agreed(run.device):
+                    save_checkpoint(run, step, student)
+                    if run.master:
+                        print(f"{preemption.requested or 'a signal on another rank'}: saved step {step} to "
+                              f"{cfg.out_dir}; exiting (continue with --resume=true)", flush=True)
+                    return {}
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total and evalset:
+                    evaluation(student.model, step, f"step{step}")
+                if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+                    save_checkpoint(run, step, student)
+        scores = evaluation(student.model, step, "final") if evalset else {}
+        return scores if run.master else {}
 
 # -----------------------------------------------------------------------------
 # dry run: the per-GPU memory plan and the FLOPs of a step, from the configs alone
@@ -1427,9 +1642,13 @@ def main(argv):
         elif cfg.student:
             train(cfg)
         else:
-            demo(cfg)
+            with OutDirLock(cfg.out_dir):
+                demo(cfg)
     except (OSError, data.DataError, qwen.CheckpointError) as e:  # bad files, rows, checkpoints: one line
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # outside the training loop (Preemption), or a second Ctrl-C inside it
+        print(f"\ninterrupted (Ctrl-C); {intact_checkpoint(cfg.out_dir)}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """
 A hand-written Qwen-2.5 decoder in plain PyTorch that loads and saves Hugging Face checkpoints.
 
+    config, _ = check_model_dir("path/to/Qwen2.5-1.5B")       # config.json + safetensors headers: ms
     model = Qwen.from_pretrained("path/to/Qwen2.5-1.5B", dtype=torch.bfloat16, device="cuda")
     logits = model(input_ids)                                  # (B, T, vocab_size)
     out = model.generate([[151644, 872, 198], [...]], max_new_tokens=128, eos_token_id=[151645])
@@ -9,8 +10,8 @@ A hand-written Qwen-2.5 decoder in plain PyTorch that loads and saves Hugging Fa
 Parameter names equal transformers' Qwen2ForCausalLM (model.layers.0.self_attn.q_proj.weight, ...),
 so checkpoints load with strict=True and no renaming. Read bottom-up: config -> norm -> rope ->
 attention -> MLP -> block -> sampling -> the model (forward, generation, loading/saving) ->
-checkpoint files and atomic directories -> init_weights, num_parameters and the accounting of FLOPs
-and activation memory.
+checkpoint files and their check -> atomic directories -> init_weights, num_parameters and the
+accounting of FLOPs and activation memory.
 """
 
 import contextlib
@@ -37,6 +38,18 @@ class CheckpointError(ValueError):
     """A model directory this implementation cannot load (named file, key and reason)."""
 
 
+def parse_json(raw, source):
+    # config.json, the shard index and each safetensors header: what is not a JSON object stops in one line
+    try:
+        d = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise CheckpointError(f"{source}: not valid JSON ({where})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: not a JSON object")
+    return d
+
+
 @dataclass
 class QwenConfig:
     # field names are exactly those of HF's config.json for model_type "qwen2"
@@ -61,6 +74,15 @@ class QwenConfig:
 
     @classmethod
     def from_dict(cls, d, source="config"):
+        # the sizes first: every check below reads them
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in sizes if d.get(k) is None]
+        if missing:
+            raise CheckpointError(f"{source}: missing key(s) {missing}")
+        bad = [f"{k}={d[k]!r}" for k in (*sizes, "num_key_value_heads")
+               if d.get(k) is not None and not (type(d[k]) is int and d[k] > 0)]
+        if bad:
+            raise CheckpointError(f"{source}: {', '.join(bad)}: sizes must be positive integers")
         # Refuse what this model does not implement rather than silently computing something else.
         if d.get("model_type", "qwen2") != "qwen2":
             raise CheckpointError(f"{source}: model_type={d['model_type']!r}; only 'qwen2' (Qwen-2/2.5) is implemented")
@@ -74,10 +96,6 @@ class QwenConfig:
         if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
             raise CheckpointError(f"{source}: head_dim={d['head_dim']} != hidden_size/num_attention_heads")
         names = {f.name for f in fields(cls)} - {"extra"}
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]
-        if missing:
-            raise CheckpointError(f"{source}: missing key(s) {missing}")
         kw = {k: v for k, v in d.items() if k in names and v is not None}
         if rs and "rope_theta" in rs:  # transformers >= 5 nests rope_theta in rope_parameters
             kw["rope_theta"] = rs["rope_theta"]
@@ -92,8 +110,8 @@ class QwenConfig:
     def from_json(cls, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=path)
+        with open(path, "rb") as f:
+            return cls.from_dict(parse_json(f.read(), path), source=path)
 
     def to_dict(self):
         # rope_theta is written at the top level (the form of the official Qwen2.5 configs), which
@@ -361,32 +379,16 @@ class Qwen(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """A model directory (config.json + model.safetensors or a sharded index) -> Qwen, strict: a
-        missing, unexpected or misshapen tensor raises CheckpointError naming the file and key."""
-        files = checkpoint_files(path)
-        cfg = QwenConfig.from_json(os.path.join(path, "config.json"))
+        """A model directory (config.json + model.safetensors or a sharded index) -> Qwen, strict: it loads
+        what check_model_dir accepts, and refuses the rest with its CheckpointError."""
+        cfg, tensors = check_model_dir(path)
         # build on the meta device: no memory and no random init for weights that are about to arrive
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight")  # tied checkpoints (HF's default when tied) have no lm_head.weight
         sd = {}
-        for file in files:
+        for file in dict.fromkeys(tensors.values()):  # each file opened once
             with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    if key not in expected:
-                        if cfg.tie_word_embeddings and key == "lm_head.weight":
-                            continue  # some tied checkpoints store the shared matrix twice
-                        raise CheckpointError(f"{file}: unexpected key {key!r} for a Qwen2 model with this config.json")
-                    t = f.get_tensor(key)
-                    if tuple(t.shape) != tuple(expected[key]):
-                        raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}, config.json implies "
-                                              f"{tuple(expected[key])}")
-                    sd[key] = t.to(dtype)
-        missing = sorted(set(expected) - set(sd))
-        if missing:
-            raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} key(s), e.g. {missing[:3]}")
+                sd.update({k: f.get_tensor(k).to(dtype) for k, where in tensors.items() if where == file})
         if cfg.tie_word_embeddings:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
@@ -438,8 +440,10 @@ def checkpoint_files(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        with open(index, "rb") as f:
+            weight_map = parse_json(f.read(), index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
@@ -449,6 +453,58 @@ def checkpoint_files(path):
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
     return [single]
+
+
+def safetensors_shapes(file):
+    """{key: shape} of a .safetensors file, from its header alone (8-byte little-endian length, then JSON
+    {key: {dtype, shape, data_offsets}}); refuses a file whose tensor data is not as long as the header says,
+    the mark of an interrupted download or copy (the safetensors library refuses it too, less plainly)."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + n > size:
+            raise CheckpointError(f"{file}: truncated: {size:,} bytes, shorter than its own header")
+        header = parse_json(f.read(n), f"{file}: header")
+    try:
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        shapes = {k: tuple(v["shape"]) for k, v in entries.items()}
+        end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+    except (TypeError, KeyError, IndexError):
+        raise CheckpointError(f"{file}: header is not a safetensors header (each tensor needs shape and "
+                              "data_offsets)") from None
+    if end != size - 8 - n:
+        what = "truncated" if end > size - 8 - n else "longer than its header says"
+        raise CheckpointError(f"{file}: {what}: header says {end:,} bytes of tensor data, the file has "
+                              f"{size - 8 - n:,}")
+    return shapes
+
+
+def check_model_dir(path):
+    """A model directory -> (QwenConfig, {key: file} of the tensors to load), from config.json and the
+    safetensors headers alone (no tensor data is read: milliseconds), so a run can check every model it
+    reads before any long work; from_pretrained loads exactly this. Refused with CheckpointError naming
+    the file: a config this model does not implement, a file cut short, a tensor missing, unexpected or
+    of another shape than config.json implies."""
+    files = checkpoint_files(path)
+    cfg = QwenConfig.from_json(os.path.join(path, "config.json"))
+    with torch.device("meta"):  # the model's own parameter shapes, at no memory cost
+        expected = {k: tuple(v.shape) for k, v in Qwen(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # tied checkpoints (HF's default when tied) have no lm_head.weight
+    tensors = {}
+    for file in files:
+        for key, shape in safetensors_shapes(file).items():
+            if key not in expected:
+                if cfg.tie_word_embeddings and key == "lm_head.weight":
+                    continue  # some tied checkpoints store the shared matrix twice
+                raise CheckpointError(f"{file}: unexpected key {key!r} for a Qwen2 model with this config.json")
+            if shape != expected[key]:
+                raise CheckpointError(f"{file}: {key} has shape {shape}, config.json implies {expected[key]}")
+            tensors[key] = file
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} key(s), e.g. {missing[:3]}")
+    return cfg, tensors
 
 
 def model_identity(path):

@@ -11,16 +11,20 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
@@ -221,7 +225,6 @@ def test_bad_checkpoints_are_refused_naming_file_and_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=shard):
         qwen.Qwen.from_pretrained(sharded)
 
-    from safetensors.torch import load_file, save_file
     sd = load_file(os.path.join(path, "model.safetensors"))
 
     def variant(name, change, cfg_change=None):
@@ -256,6 +259,106 @@ def test_unsupported_configs_are_refused_naming_the_key(tmp_path, change, key):
     json.dump(cfg, open(p, "w"))
     with pytest.raises(ValueError, match=key):
         qwen.QwenConfig.from_json(str(p))
+
+
+def refused(path, match):
+    # the cheap check and the loader refuse a directory with the same one line
+    for read in (qwen.check_model_dir, qwen.Qwen.from_pretrained):
+        with pytest.raises(qwen.CheckpointError, match=match):
+            read(path)
+
+
+@pytest.mark.parametrize("cut", [1000, 1, -3])  # bytes cut from the end; -3: three bytes appended
+def test_cut_or_padded_safetensors_is_refused_naming_file_and_both_lengths(tmp_path, cut):
+    _, path = hf_model(tmp_path, "m", False, 4, 2)
+    file = os.path.join(path, "model.safetensors")
+    # the oracle: the tensor bytes the safetensors library itself reads from the intact file
+    data = sum(t.numel() * t.element_size() for t in load_file(file).values())
+    raw = open(file, "rb").read()
+    open(file, "wb").write(raw[:-cut] if cut > 0 else raw + b"\0" * -cut)
+    what = "truncated" if cut > 0 else "longer than its header says"
+    refused(path, rf"model\.safetensors: {what}: header says {data:,} bytes of tensor data, the file has "
+                  rf"{data - cut:,}$")
+
+
+def test_safetensors_cut_inside_its_header_is_refused_as_truncated(tmp_path):
+    _, path = hf_model(tmp_path, "m", True, 4, 2)
+    file = os.path.join(path, "model.safetensors")
+    raw = open(file, "rb").read()
+    open(file, "wb").write(raw[:100])
+    refused(path, r"model\.safetensors: truncated: 100 bytes, shorter than its own header")
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{\n  "vocab_size": 300,\n  "hidden_size" 32\n}', r"not valid JSON \(line 3: Expecting ':' delimiter\)"),
+    ("", r"not valid JSON \(line 1: Expecting value\)"),
+    ("[300, 32]", "not a JSON object")], ids=["bad line 3", "empty", "a list"])
+def test_config_json_that_is_not_a_json_object_is_refused_naming_file_and_line(tmp_path, text, match):
+    _, path = hf_model(tmp_path, "m", True, 4, 2)
+    cfg = os.path.join(path, "config.json")
+    open(cfg, "w").write(text)
+    with pytest.raises(qwen.CheckpointError, match=r"config\.json: " + match):
+        qwen.QwenConfig.from_json(cfg)
+    refused(path, r"config\.json: " + match)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.pop("hidden_size"), r"missing key\(s\) \['hidden_size'\]"),
+    (lambda d: d.update(hidden_size=None, num_hidden_layers=None), r"missing key\(s\) \['hidden_size', 'num_hidden_layers'\]"),
+    (lambda d: d.update(hidden_size="32"), r"hidden_size='32': sizes must be positive integers"),
+    (lambda d: d.update(num_key_value_heads=0), r"num_key_value_heads=0: sizes must be positive integers")],
+    ids=["absent", "null", "a string", "zero"])
+def test_config_json_lacking_or_misspelling_a_size_is_refused_naming_file_and_key(tmp_path, change, match):
+    _, path = hf_model(tmp_path, "m", False, 4, 2)
+    cfg = os.path.join(path, "config.json")
+    d = json.load(open(cfg))
+    change(d)
+    json.dump(d, open(cfg, "w"))
+    refused(path, r"config\.json: " + match)
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"metadata": {"total_size": 1},\n "weight_map": {"a": "b",}}', r"not valid JSON \(line 2: Expecting property"),
+    ('{"metadata": {"total_size": 1}}', "no 'weight_map' object"),
+    ('{"weight_map": ["model-00001-of-00002.safetensors"]}', "no 'weight_map' object")],
+    ids=["bad line 2", "no weight_map", "a list"])
+def test_shard_index_that_is_not_json_or_lacks_weight_map_is_refused_naming_it(tmp_path, text, match):
+    _, path = hf_model(tmp_path, "s", False, 7, 1, shard="20KB")
+    open(os.path.join(path, "model.safetensors.index.json"), "w").write(text)
+    refused(path, r"model\.safetensors\.index\.json: " + match)
+
+
+def test_a_config_that_no_longer_matches_the_weights_is_refused_by_the_cheap_check(tmp_path):
+    _, path = hf_model(tmp_path, "m", False, 4, 2)
+    cfg = os.path.join(path, "config.json")
+    json.dump({**json.load(open(cfg)), "intermediate_size": 64}, open(cfg, "w"))
+    with pytest.raises(qwen.CheckpointError, match=r"mlp\.\w+_proj\.weight has shape \((72, 32|32, 72)\), "
+                                                  r"config\.json implies \((64, 32|32, 64)\)"):
+        qwen.check_model_dir(path)
+
+
+@pytest.mark.parametrize("tie,n_head,n_kv,shard,rewrite",
+                         [(*c, r) for c in CONFIGS + [(True, 4, 2, "20KB")] for r in ("transformers", "ours")]
+                         + [(True, 4, 4, None, "tied lm_head stored too")])
+def test_cheap_check_accepts_every_checkpoint_from_pretrained_loads(tmp_path, tie, n_head, n_kv, shard, rewrite):
+    ref, path = hf_model(tmp_path, "m", tie, n_head, n_kv, shard=shard)
+    if rewrite == "ours":  # save_pretrained's own files, sharded where transformers sharded
+        path2 = str(tmp_path / "ours")
+        qwen.Qwen.from_pretrained(path).save_pretrained(path2, max_shard_size=20_000 if shard else 5 * 1024**3)
+        path = path2
+    if rewrite == "tied lm_head stored too":  # some tied checkpoints hold the shared matrix twice
+        file = os.path.join(path, "model.safetensors")
+        sd = load_file(file)
+        save_file({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}, file)
+    config, tensors = qwen.check_model_dir(path)
+    model = qwen.Qwen.from_pretrained(path)
+    assert config == model.config
+    # the oracle: the tensors transformers' own model has, and the shard its index names for each
+    assert set(tensors) == set(ref.state_dict()) - ({"lm_head.weight"} if tie else set())
+    index = os.path.join(path, "model.safetensors.index.json")
+    where = json.load(open(index))["weight_map"] if os.path.isfile(index) else {}
+    assert all(os.path.basename(f) == where.get(k, "model.safetensors") for k, f in tensors.items())
+    assert os.path.isfile(index) == bool(shard)
 
 # -----------------------------------------------------------------------------
 # rouge.py (frozen values: docs/rouge.md, produced by rouge-score 0.1.2 + nltk 3.10.4)
@@ -545,7 +648,7 @@ def test_eval_examples_are_the_first_turn_and_the_split_is_disjoint(tokenizer):
     # a first exchange with no supervised token within max_len is dropped; a bad row is named
     short = data.eval_examples(held[:5], tokenizer, len(first.prompt))
     assert first not in short and len(short) == sum(len(e.prompt) < len(first.prompt) for e in examples[:5])
-    with pytest.raises(data.DataError, match=r"eval.jsonl: row 1: .*ends with a user turn"):
+    with pytest.raises(data.DataError, match=r"eval.jsonl: row 2: .*ends with a user turn"):
         data.eval_examples([held[0], {"messages": msgs[:1]}], tokenizer, 4096, source="eval.jsonl")
 
 
@@ -573,7 +676,7 @@ def test_bad_data_is_refused_naming_file_row_and_line(tmp_path, tokenizer):
              ({"messages": [{"role": "user", "content": "u"}]}, "ends with a user turn")]
     good = json.loads(ok)
     for row, msg in cases:
-        with pytest.raises(data.DataError, match=rf"train.jsonl: row 1: .*{msg}"):
+        with pytest.raises(data.DataError, match=rf"train.jsonl: row 2: .*{msg}"):
             data.encode_rows([good, row, good], tokenizer, 100, source="train.jsonl")
         examples, stats = data.encode_rows([good, row, good], tokenizer, 100, skip_bad_rows=True)
         assert len(examples) == 2 and stats["bad_rows_skipped"] == 1
@@ -691,12 +794,258 @@ def test_held_out_rows_are_read_back_by_seeking_and_never_trained_on(run_dir, tm
     cfg = deltakd.parse_args(args(run_dir, tmp_path, eval_size=8, max_rows=40))
     cache, train_idx, evalset = deltakd.load_data(run_of(cfg))
     rows = data.read_rows(str(run_dir / "train.jsonl"))[:40]
-    held = data.held_out_rows(40, 8, cfg.seed)
+    held = data.held_out_rows(cache.rows, 40, 8, cfg.seed)
     assert evalset == data.eval_examples([rows[i] for i in held], tokenizer, cfg.max_len, cfg.system_prompt)
     assert len(evalset) == 8 and len(train_idx) == 32
     assert not set(cache.rows[train_idx].tolist()) & set(held.tolist())
-    assert data.held_out_rows(40, 8, cfg.seed).tolist() == held.tolist()  # deterministic
+    assert data.held_out_rows(cache.rows, 40, 8, cfg.seed).tolist() == held.tolist()  # deterministic
 
+
+def flip(path, offset, n=1):
+    # changes n bytes in place: the file keeps its size (and its name, and its directory)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0x5A for b in old))
+
+
+def chat(user, answer):
+    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+
+def test_a_cache_file_changed_in_place_is_named_and_rebuilt(tmp_path, capsys):
+    run = run_of(deltakd.parse_args([f"--out_dir={tmp_path}", "--max_len=256"]))
+    first = deltakd.token_cache(run, GSM8K)
+    ids, rows = first.input_ids.tolist(), first.rows.tolist()
+    for name, offset in (("input_ids", 4 * 1000), ("rows", 8 * 17)):  # a token, a row number: same size
+        flip(os.path.join(first.path, f"{name}.bin"), offset)
+        capsys.readouterr()
+        again = deltakd.token_cache(run, GSM8K)
+        out = capsys.readouterr().out
+        assert f"token cache {first.path}: {name}.bin fails its checksum (changed after it was written); " \
+               "rebuilding it" in out, out
+        assert again.input_ids.tolist() == ids and again.rows.tolist() == rows
+    assert data.check_cache(first.path, again.meta["key"], run.tokenizer.get_vocab_size()) is None
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_even_with_a_matching_checksum(tmp_path, tokenizer):
+    where, key = build(tmp_path, GSM8K, max_len=256, max_rows=50)
+    vocab = tokenizer.get_vocab_size()
+    assert data.check_cache(where, key, vocab) is None
+    largest = int(data.TokenCache(where).input_ids.max())
+    assert data.check_cache(where, key, largest) == \
+        f"input_ids.bin holds token id {largest:,}, outside the vocabulary of {largest:,} ids"
+    # an id the tokenizer never makes, with a checksum that agrees (a build gone wrong, not a changed byte)
+    ids = np.fromfile(os.path.join(where, "input_ids.bin"), dtype=np.uint32)
+    ids[5] = vocab + 7
+    ids.tofile(os.path.join(where, "input_ids.bin"))
+    meta = json.load(open(os.path.join(where, "meta.json")))
+    meta["crc32"]["input_ids"] = data.scan(os.path.join(where, "input_ids.bin"))[0]
+    json.dump(meta, open(os.path.join(where, "meta.json"), "w"))
+    assert data.check_cache(where, key, vocab) == \
+        f"input_ids.bin holds token id {vocab + 7:,}, outside the vocabulary of {vocab:,} ids"
+
+
+def test_a_rank_polling_a_damaged_cache_reads_it_once_and_the_rebuilt_one_again(tmp_path, monkeypatch):
+    where, key = build(tmp_path, GSM8K, max_len=256, max_rows=50)
+    flip(os.path.join(where, "spans.bin"), 8)
+    scanned = []
+    real = data.scan
+    monkeypatch.setattr(data, "scan", lambda path, dtype=None: scanned.append(path) or real(path, dtype))
+    for _ in range(5):  # wait_until's polls while rank 0 rebuilds
+        assert data.check_cache(where, key) == "spans.bin fails its checksum (changed after it was written)"
+    assert sum(p.endswith("spans.bin") for p in scanned) == 1
+    data.build_cache(GSM8K, Tokenizer.from_file(TOKENIZER), where, key, log=None)
+    scanned.clear()
+    assert data.check_cache(where, key) is None and len(scanned) == len(data.CACHE_ARRAYS)
+
+
+def test_a_cache_without_checksums_is_not_trusted(tmp_path):
+    where, key = build(tmp_path, GSM8K, max_len=256, max_rows=50)
+    assert key["format"] == data.CACHE_FORMAT >= 2  # older formats live under another directory name
+    meta = json.load(open(os.path.join(where, "meta.json")))
+    del meta["crc32"]
+    json.dump(meta, open(os.path.join(where, "meta.json"), "w"))
+    assert data.check_cache(where, key) == "input_ids.bin fails its checksum (changed after it was written)"
+
+def store_of(tmp_path, vocab=1000):
+    # a store over a small token cache, every shard written by TargetStore.write from seeded numbers
+    where, key = build(tmp_path, GSM8K, max_len=256, max_rows=30)
+    cache = data.TokenCache(where)
+    store = data.TargetStore(str(tmp_path / "targets"), cache, {"topk": 4, "shard": 8, "targets_dtype": "float16",
+                                                                 "vocab": vocab})
+    rng = np.random.default_rng(0)
+    for s in range(store.n_shards):
+        M = store.rows(s)
+        store.write(s, {"ids": rng.integers(0, vocab, (M, 4)).astype(np.uint32),
+                        "logp": -rng.random((M, 4)).astype(np.float32), "rest": -rng.random(M).astype(np.float32)})
+    return store
+
+
+def test_a_target_shard_with_a_flipped_byte_is_damaged_and_says_why(tmp_path):
+    store = store_of(tmp_path)
+    assert store.n_shards == 4 and all(store.damage(s) is None and store.complete(s) for s in range(4))
+    flip(os.path.join(store.shard_dir(1), "logp.bin"), 33)
+    assert store.damage(1) == "logp.bin fails its checksum (changed after it was written)"
+    assert store.complete(1)  # the polling check stays cheap: sizes and the checksum file only
+    with open(os.path.join(store.shard_dir(2), "rest.bin"), "r+b") as f:
+        f.truncate(12)
+    assert store.damage(2) == f"rest.bin has 12 bytes, {4 * store.rows(2):,} expected" and not store.complete(2)
+    os.remove(os.path.join(store.shard_dir(3), "crc32.json"))  # a shard of a store written before checksums
+    assert store.damage(3).startswith("no crc32.json") and not store.complete(3)
+    # rewritten, each is whole again; an id the vocabulary does not hold is refused though its checksum agrees
+    rows = store.rows(0)
+    store.write(0, {"ids": np.full((rows, 4), 1000, np.uint32), "logp": np.zeros((rows, 4), np.float32),
+                    "rest": np.zeros(rows, np.float32)})
+    assert store.damage(0) == "ids.bin holds token id 1,000, outside the vocabulary of 1,000 ids"
+    shutil.rmtree(store.shard_dir(3))
+    assert store.damage(3) == "not computed" and not store.complete(3)
+
+
+def test_shard_checksums_are_of_the_bytes_written(tmp_path):
+    store = store_of(tmp_path)
+    sums = json.load(open(os.path.join(store.shard_dir(2), "crc32.json")))
+    for name, (p, _, _) in store.files(2).items():
+        assert sums[name] == zlib.crc32(open(p, "rb").read())
+
+# bad rows: skipped and counted with skip_bad_rows, named by file and line (from 1) without it
+
+
+def bad_file(tmp_path):
+    # line 3 is blank (no row), row 3 is line 4: malformed JSON; line 6 latin-1; line 8 a list; line 9 no format
+    lines = [chat("u1", "a1").encode(), chat("u2", "a2").encode(), b"   ", b'{"messages": [', chat("u5", "a5").encode(),
+             '{"question": "caf\xe9?", "answer": "yes"}'.encode("latin-1"), chat("u7", "a7").encode(), b"[1, 2]",
+             b'{"foo": 1}', chat("u10", "a10").encode()]
+    return write(tmp_path, "bad.jsonl", b"\n".join(lines) + b"\n", "wb")
+
+
+def cache_key_of(path, skip):
+    return data.cache_key(path, TOKENIZER, 256, data.SYSTEM_PROMPT_BASE, 0, skip)
+
+
+def test_malformed_lines_are_skipped_counted_and_named_with_skip_bad_rows(tmp_path, tokenizer):
+    path = bad_file(tmp_path)
+    key = cache_key_of(path, True)
+    where = data.cache_dir_for(str(tmp_path / "cache"), key)
+    stats = data.build_cache(path, tokenizer, where, key, log=None, block_rows=3)
+    assert stats["rows"] == 9 and stats["bad_rows_skipped"] == 4 and stats["examples"] == 5
+    assert stats["first_bad_rows"] == [f"{path}:4: malformed JSON line (Expecting value)",
+                                       f"{path}:6: not valid UTF-8 (byte 17 of the line)",
+                                       f"{path}:8: the row is a list, not an object",
+                                       f"{path}:9: unknown row format (fields ['foo']); expected messages, "
+                                       "problem/generated_solution, prompt/response, instruction/output or question/answer"]
+    assert data.check_cache(where, key) is None
+    cache = data.TokenCache(where)
+    assert cache.meta["stats"]["first_bad_rows"] == stats["first_bad_rows"]
+    # a bad line keeps its row number: row n is the n-th non-empty line, and every row's offset is kept
+    assert cache.rows.tolist() == [0, 1, 3, 5, 8]
+    assert len(cache.line_offsets) == 9
+    good = [json.loads(chat(u, a)) for u, a in (("u1", "a1"), ("u2", "a2"), ("u5", "a5"), ("u7", "a7"), ("u10", "a10"))]
+    want, _ = data.encode_rows(good, tokenizer, 256)
+    assert [(cache.example(i)[0].tolist(), cache.example(i)[1].tolist()) for i in range(5)] == want
+    assert data.read_rows_at(path, [3, 8], cache.line_offsets) == {3: good[2], 8: good[4]}
+
+
+@pytest.mark.parametrize("bad,why", [(b'{"messages": [', "malformed JSON line (Expecting value)"),
+                                     ('{"text": "caf\xe9"}'.encode("latin-1"), "not valid UTF-8 (byte 13 of the line)"),
+                                     (b"[1, 2]", "the row is a list, not an object"),
+                                     (b'{"foo": 1}', "unknown row format")])
+def test_without_skip_bad_rows_a_bad_line_stops_the_build_naming_path_and_line(tmp_path, tokenizer, bad, why):
+    lines = [chat("u1", "a1").encode(), chat("u2", "a2").encode(), b"", bad, chat("u5", "a5").encode()]
+    path = write(tmp_path, "one_bad.jsonl", b"\n".join(lines) + b"\n", "wb")
+    key = cache_key_of(path, False)
+    where = data.cache_dir_for(str(tmp_path / "cache"), key)
+    with pytest.raises(data.DataError) as e:
+        data.build_cache(path, tokenizer, where, key, log=None, block_rows=2)
+    msg = str(e.value)  # line 4 (the blank line 3 is no row), not row 3 or 2
+    assert msg.startswith(f"{path}:4: {why}") and msg.endswith("(pass skip_bad_rows to skip such rows)")
+    assert "\n" not in msg and not os.path.exists(where)
+
+
+def test_json_and_parquet_rows_are_named_from_1(tmp_path, tokenizer):
+    rows = [json.loads(chat("u", "a")), {"foo": 1}, json.loads(chat("u", "a"))]
+    path = write(tmp_path, "rows.json", json.dumps(rows))
+    key = cache_key_of(path, False)
+    with pytest.raises(data.DataError, match=rf"^{path}: row 2: unknown row format"):
+        data.build_cache(path, tokenizer, data.cache_dir_for(str(tmp_path / "c"), key), key, log=None)
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    ppath = str(tmp_path / "rows.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}, {"question": "q", "answer": ""}]), ppath)
+    key = cache_key_of(ppath, False)
+    with pytest.raises(data.DataError, match=rf"^{ppath}: row 2: .*empty assistant turn"):
+        data.build_cache(ppath, tokenizer, data.cache_dir_for(str(tmp_path / "c"), key), key, log=None)
+    with pytest.raises(data.DataError, match=r"^train.jsonl: row 2: unknown row format"):
+        data.encode_rows(rows, tokenizer, 100, source="train.jsonl")
+    _, stats = data.encode_rows(rows, tokenizer, 100, skip_bad_rows=True, source="train.jsonl")
+    assert stats["first_bad_rows"] == ["train.jsonl: row 2: unknown row format (fields ['foo']); expected messages, "
+                                       "problem/generated_solution, prompt/response, instruction/output or question/answer"]
+    strs = write(tmp_path, "strs.json", json.dumps([rows[0], "x"]))
+    with pytest.raises(data.DataError, match=rf"^{strs}: row 2: the row is a str, not an object"):
+        data.read_rows(strs)
+
+def test_held_out_rows_come_only_from_rows_in_the_cache(tmp_path, tokenizer):
+    n, eval_size, seed = 40, 6, 3
+    order = np.random.default_rng(seed).permutation(n)
+    assert data.held_out_rows(np.arange(n), n, eval_size, seed).tolist() == sorted(order[:eval_size].tolist())
+    # the first three rows the permutation draws are malformed: each is replaced by the next one it draws
+    bad = set(order[:3].tolist())
+    lines = ["{broken" if i in bad else chat(f"u{i}", f"a{i}") for i in range(n)]
+    path = write(tmp_path, "train.jsonl", "\n".join(lines) + "\n")
+    key = cache_key_of(path, True)
+    where = data.cache_dir_for(str(tmp_path / "cache"), key)
+    data.build_cache(path, tokenizer, where, key, log=None)
+    cache = data.TokenCache(where)
+    held = data.held_out_rows(cache.rows, cache.meta["stats"]["rows"], eval_size, seed)
+    assert held.tolist() == sorted(order[3:3 + eval_size].tolist()) and not bad & set(held.tolist())
+    with pytest.raises(data.DataError, match=r"^eval_size=37 leaves no training rows out of the 37 usable of 40$"):
+        data.held_out_rows(cache.rows, n, 37, seed)
+
+
+def test_load_data_holds_out_only_rows_that_made_it_into_the_cache(run_dir, tmp_path, tokenizer):
+    rows = data.read_rows(str(run_dir / "train.jsonl"))[:40]
+    seed = deltakd.Config().seed
+    bad = set(np.random.default_rng(seed).permutation(40)[:2].tolist())  # the first two rows it draws
+    path = write(tmp_path, "train.jsonl", "".join(("{broken" if i in bad else json.dumps(r)) + "\n"
+                                                  for i, r in enumerate(rows)))
+    cfg = deltakd.parse_args(args(run_dir, tmp_path / "out", train_data=path, eval_size=8, skip_bad_rows=True))
+    cache, train_idx, evalset = deltakd.load_data(run_of(cfg))
+    held = data.held_out_rows(cache.rows, 40, 8, seed)
+    assert len(evalset) == 8 and not bad & set(held.tolist()) and len(train_idx) == 30
+    assert evalset == data.eval_examples([rows[i] for i in held], tokenizer, cfg.max_len, cfg.system_prompt)
+
+def test_a_parquet_that_is_not_parquet_is_one_data_error_naming_the_file(tmp_path, run_dir):
+    pytest.importorskip("pyarrow")
+    path = write(tmp_path, "rows.parquet", "\n".join([chat("u", "a")] * 3) + "\n")  # .jsonl under another name
+    for check in (data.read_rows, data.check_data_file):
+        with pytest.raises(data.DataError, match=rf"^{path}: not a readable parquet file \(Parquet magic bytes "
+                                                 "not found in footer"):
+            check(path)
+    r = subprocess.run([sys.executable, "deltakd.py", *args(run_dir, tmp_path / "out", train_data=path, method="sft")],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{path}: not a readable parquet file" in lines[0]
+
+
+def test_a_damaged_parquet_row_group_is_one_data_error_naming_it(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = str(tmp_path / "omr.parquet")
+    raw = bytearray(open(OMR.replace(".jsonl", ".parquet"), "rb").read())
+    assert pq.ParquetFile(OMR.replace(".jsonl", ".parquet")).num_row_groups >= 1
+    raw[len(raw) // 3:len(raw) // 3 + 256] = bytes(256)  # a damaged page; the footer intact
+    open(path, "wb").write(raw)
+    data.check_data_file(path)  # the footer opens: only reading the rows finds the damage
+    with pytest.raises(data.DataError, match=rf"^{path}: row group \d+ of the parquet file is unreadable \("):
+        data.read_rows(path)
+
+
+def test_check_data_file_refuses_a_missing_or_empty_file_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file .*nope.jsonl does not exist"):
+        data.check_data_file(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(data.DataError, match=r"empty.jsonl: the data file is empty"):
+        data.check_data_file(write(tmp_path, "empty.jsonl", ""))
+    data.check_data_file(GSM8K)
+    data.check_data_file(OMR.replace(".jsonl", ".parquet"))
 
 # -----------------------------------------------------------------------------
 # deltakd.py: the loss, against a float64 reference written in probability space
@@ -990,7 +1339,6 @@ def args(run_dir, out, **kw):
 
 
 def weights(ckpt):
-    from safetensors.torch import load_file
     return load_file(os.path.join(ckpt, "model.safetensors"))
 
 
@@ -1088,7 +1436,8 @@ def test_sampled_evaluation_is_scored_beside_greedy_and_reproducible_per_seed(ru
     greedy = [json.loads(line)["prediction"] for line in open(tmp_path / "a" / "eval-final.jsonl")]
     assert greedy != [s["prediction"] for s in sampled[:8]]
     for bad in (["--eval_seeds=3"], ["--eval_temperature=-1"], ["--eval_temperature=1", "--eval_seeds=0"]):
-        with pytest.raises(SystemExit, match="--eval_seeds >= 1"):
+        with pytest.raises(SystemExit, match="--eval_seeds goes with|--eval_temperature=-1.0: must be >= 0|"
+                                              "--eval_seeds=0: must be >= 1"):
             deltakd.parse_args(bad)
 
 
@@ -1399,12 +1748,178 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run
     deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=2, eval_size=0)))
     before = weights(tmp_path / "ckpt-0000002")
     # an absurd learning rate: step 3's update overflows the weights, step 4's loss is not finite
-    with pytest.raises(SystemExit, match="non-finite (loss|gradient norm) at step [34]"):
+    with pytest.raises(SystemExit, match=r"non-finite (loss|gradient norm) at step [34].*: the newest checkpoint, "
+                                         r".*ckpt-0000002, is intact"):
         deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=8, save_every=4, resume=True, lr=1e38,
                                               eval_size=0, grad_clip=0)))
     assert [os.path.basename(c) for c in deltakd.checkpoints(str(tmp_path))] == ["ckpt-0000002"]
     after = weights(tmp_path / "ckpt-0000002")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def cli(run_dir, out, *extra, preamble="", **kw):
+    """deltakd's command line, as a user runs it (one thread, so runs compare to the last bit); with a
+    preamble, `python -c` runs it first and then deltakd.main."""
+    argv = args(run_dir, out, **kw) + list(extra)
+    cmd = ["-c", f"{preamble}\nimport sys, deltakd; deltakd.main(sys.argv[1:])"] if preamble else ["deltakd.py"]
+    return subprocess.run([sys.executable, *cmd, *argv], cwd=HERE, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+
+def one_line_error(r, *pieces):
+    # a refused run: exit status 1, no traceback, one line on stderr holding every piece
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert all(p in lines[0] for p in pieces), (pieces, lines[0])
+    return lines[0]
+
+
+def steps_logged(out):
+    return [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if "loss" in json.loads(x)]
+
+
+def test_out_of_range_flags_are_refused_before_any_work(run_dir, tmp_path):
+    for flag, text in [("--batch_size=0", "must be >= 1"), ("--grad_accum=0", "must be >= 1"),
+                       ("--topk=0", "must be >= 1"), ("--max_steps=-1", "must be >= 0"),
+                       ("--alpha=-0.5", "must be >= 0"), ("--lr=nan", "must be > 0"), ("--lam=1.5", "in [0, 1]"),
+                       ("--resume_allow=bogus", "bogus not among")]:
+        with pytest.raises(SystemExit, match=re.escape(text)):
+            deltakd.parse_args([flag])
+    one_line_error(cli(run_dir, tmp_path / "out", batch_size=0), "--batch_size=0: must be >= 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_model_files_stop_the_run_in_one_line_before_the_data_is_tokenized(run_dir, tmp_path):
+    bad, out = tmp_path / "teacher", tmp_path / "out"
+    shutil.copytree(run_dir / "teacher_ft", bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(bad / "model.safetensors") - 1000)
+    one_line_error(cli(run_dir, out, teacher_ft=bad), f"{bad / 'model.safetensors'}: truncated")
+    assert not (out / "cache").exists()
+    (bad / "config.json").write_text('{"model_type": "qwen2",')
+    one_line_error(cli(run_dir, out, teacher_ft=bad), f"{bad / 'config.json'}: not valid JSON")
+
+
+def test_damaged_caches_and_shards_are_rebuilt_with_a_message(run_dir, tmp_path):
+    common = dict(targets_dir=tmp_path / "targets", topk=8, targets_shard=16, targets_only=True, eval_size=8,
+                  cache_dir=tmp_path / "cache", quiet=False)
+    assert cli(run_dir, tmp_path / "o1", **common).returncode == 0
+    shutil.copytree(tmp_path / "targets", tmp_path / "intact")
+    (cache,) = (tmp_path / "cache").glob("tokens-*")
+    flip(cache / "input_ids.bin", 4 * 100)  # one token, in place: the same size
+    flip(tmp_path / "targets" / "shard-00001" / "logp.bin", 40)
+    r = cli(run_dir, tmp_path / "o2", **common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"token cache {cache}: input_ids.bin fails its checksum (changed after it was written); rebuilding it" \
+        in r.stdout, r.stdout
+    assert f"targets: {tmp_path / 'targets' / 'shard-00001'}: logp.bin fails its checksum (changed after it was " \
+           "written); computing it again" in r.stdout, r.stdout
+    assert "shard-00000" not in r.stdout and same_files(tmp_path / "targets", tmp_path / "intact")
+
+
+def test_bad_rows_are_named_by_file_and_line_and_skipped_with_skip_bad_rows(run_dir, tmp_path):
+    lines = open(run_dir / "train.jsonl").read().splitlines()
+    lines[4] = lines[4][:-9]  # line 5 cut short
+    lines.insert(2, "")  # blank lines are no rows: editors count them, so the message does too
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    one_line_error(cli(run_dir, tmp_path / "o1", train_data=bad, max_steps=1), f"{bad}:6: malformed JSON line")
+    r = cli(run_dir, tmp_path / "o2", train_data=bad, max_steps=1, skip_bad_rows=True, quiet=False)
+    assert r.returncode == 0 and f"skipped 1 bad row(s) (--skip_bad_rows=true); the first: {bad}:6: malformed " \
+        "JSON line" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_a_resumed_run_is_the_same_run_bit_exact_and_a_damaged_newest_checkpoint_is_skipped(run_dir, tmp_path):
+    common = dict(max_steps=4, save_every=2, keep_last=3, eval_size=0, cache_dir=tmp_path / "cache")
+    assert cli(run_dir, tmp_path / "straight", **common).returncode == 0
+    out = tmp_path / "run"
+    assert cli(run_dir, out, **dict(common, save_every=1)).returncode == 0  # ckpt-2, 3 and 4 kept
+    # what defines the run may not change: each differing key is named
+    one_line_error(cli(run_dir, out, resume=True, method="sft", batch_size=4, **dict(common, max_steps=4)),
+                   "differs from the one in", "method", "batch_size", "--resume_allow=batch_size,method")
+    changed = tmp_path / "train.jsonl"  # other data, under any name
+    changed.write_text(open(run_dir / "train.jsonl").read() + json.dumps(data.read_rows(GSM8K)[60]) + "\n")
+    one_line_error(cli(run_dir, out, resume=True, train_data=changed, **common), "train_data_content.size")
+    one_line_error(cli(run_dir, out, **common), "holds checkpoints of an earlier run", "--resume=true")
+    # the newest checkpoint, step 4, is damaged, and a killed save left a partial one: step 2 it is, bit-exactly
+    with open(out / "ckpt-0000004" / "trainer_state.pt", "r+b") as f:
+        f.truncate(1000)
+    shutil.rmtree(out / "ckpt-0000003")
+    (out / ".tmp-ckpt-0000005-x").mkdir()
+    (out / ".tmp-ckpt-0000005-x" / "model.safetensors").write_bytes(b"0" * 4096)
+    r = cli(run_dir, out, "--quiet=false", resume=True, **common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "removed 1 partial checkpoint(s) left by a killed run" in r.stdout
+    assert re.search(r"ckpt-0000004 is damaged \(trainer_state.pt has 1,000 bytes, [\d,]+ were written\); "
+                     "trying the checkpoint before it", r.stdout), r.stdout
+    assert "ckpt-0000002 at step 2" in r.stdout and not list(out.glob(".tmp-*"))
+    a, b = weights(tmp_path / "straight" / "ckpt-0000004"), weights(out / "ckpt-0000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert steps_logged(out) == [1, 2, 3, 4]  # the steps after the checkpoint are logged once, not again
+    # the schedule may change (a finished run continued to a larger max_steps), and is named
+    r = cli(run_dir, out, "--quiet=false", resume=True, **dict(common, max_steps=6, lr=1e-3))
+    assert r.returncode == 0 and "the schedule changed (max_steps 4 -> 6, lr 0.003 -> 0.001)" in r.stdout, r.stdout
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_one_run_per_out_dir_and_a_dead_runs_lock_blocks_nothing(run_dir, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "deltakd.py", *args(run_dir, out, max_steps=10_000, eval_size=0)],
+                             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (
+            (out / ".lock").exists() and (out / ".lock").read_text()):
+        time.sleep(0.02)
+    one_line_error(cli(run_dir, out, max_steps=2, eval_size=0), "is in use by another run", f"pid {first.pid} on")
+    first.kill()
+    first.wait()
+    r = cli(run_dir, out, max_steps=2, eval_size=0)  # the dead run's lock file is still there, its lock is not
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ctrl_c_finishes_the_step_and_checkpoints_and_a_second_one_stops_at_once(run_dir, tmp_path):
+    # each step made 1 s slower, so that the second Ctrl-C surely lands while the first one's step still runs
+    slow = ("import time, deltakd; step = deltakd.train_step; "
+            "deltakd.train_step = lambda *a: (time.sleep(1), step(*a))[1]")
+
+    def interrupted(out, signals):
+        code = f"{slow}\nimport sys; deltakd.main(sys.argv[1:])"
+        proc = subprocess.Popen([sys.executable, "-c", code, *args(run_dir, out, max_steps=10_000, eval_size=0)],
+                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (
+                (out / "metrics.jsonl").exists() and open(out / "metrics.jsonl").read().count("\n") >= 2):
+            time.sleep(0.02)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+        stdout, stderr = proc.communicate(timeout=120)
+        return proc.returncode, stdout, stderr
+    rc, stdout, stderr = interrupted(tmp_path / "once", 1)
+    saved = deltakd.checkpoints(str(tmp_path / "once"))
+    assert rc == 0 and "SIGINT: saved step" in stdout and saved, stdout + stderr[-3000:]
+    assert steps_logged(tmp_path / "once")[-1] == int(saved[-1][-7:])
+    rc, stdout, stderr = interrupted(tmp_path / "twice", 2)
+    assert rc == 130 and "Traceback" not in stderr and "interrupted (Ctrl-C)" in stderr, stderr[-3000:]
+    assert not deltakd.checkpoints(str(tmp_path / "twice")) and not list((tmp_path / "twice").glob(".tmp-*"))
+
+
+def test_a_full_disk_while_checkpointing_names_the_intact_checkpoint_and_loses_nothing(run_dir, tmp_path):
+    out, common = tmp_path / "out", dict(save_every=2, eval_size=0, keep_last=1)
+    deltakd.train(deltakd.parse_args(args(run_dir, out, max_steps=2, **common)))
+    before = weights(out / "ckpt-0000002")
+    # files past 30 MB fail to write (trainer_state.pt is ~40 MB), as on a full disk, which reports no space free
+    full = ("import resource, shutil, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (30 << 20, 30 << 20)); "
+            "shutil.disk_usage = lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0)")
+    line = one_line_error(cli(run_dir, out, resume=True, max_steps=4, preamble=full, **common),
+                          f"could not write {out / 'ckpt-0000004'}: no space left on the disk holding {out}",
+                          f"the newest checkpoint, {out / 'ckpt-0000002'}, is intact")
+    assert "GB free" in line and not list(out.glob(".tmp-*"))
+    after = weights(out / "ckpt-0000002")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    r = cli(run_dir, out, resume=True, max_steps=4, **common)
+    assert r.returncode == 0 and deltakd.checkpoints(str(out))[-1].endswith("ckpt-0000004"), r.stderr[-3000:]
 
 
 def load_pretrain_script():
