@@ -19,6 +19,7 @@ stored targets -> evaluation -> checkpoints -> training -> dry run -> the demo -
 import collections
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import glob
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
 import data
@@ -186,7 +188,7 @@ def parse_args(argv, cfg=None):
         for key in keys:
             v = getattr(cfg, key)
             if not (ok(v) and math.isfinite(v)):
-                raise SystemExit(f"--{key}={v}: must be {text}")
+                raise SystemExit(f"--{key}={v}: must be {text} and finite")
     if cfg.method not in METHODS:
         raise SystemExit(f"--method={cfg.method}: expected one of {', '.join(METHODS)}")
     if "divergence" in given and not METHODS[cfg.method].divergence_flag:
@@ -563,7 +565,7 @@ def start(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     run = Run(cfg, rank, world, device, tokenizer, tokenizer_path, loss_spec(cfg, tokenizer.get_vocab_size()))
-    if not cfg.eval_only:
+    if not (cfg.eval_only or cfg.targets_only):
         run = dataclasses.replace(run, resume_from=resume_point(run))
     if run.master and not cfg.quiet:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -775,8 +777,11 @@ def compute_targets(run, cache, store):
         why = store.damage(s)
         if why and os.path.isdir(store.shard_dir(s)):
             print(f"targets: {store.shard_dir(s)}: {why}; computing it again", flush=True)
+            shutil.rmtree(store.shard_dir(s))  # so that no rank waiting for it takes it as complete
         if why:
             todo.append(s)
+    if dist.is_initialized():
+        dist.barrier()  # every damaged shard is gone before any rank trusts the ones it sees (seconds, not hours)
     if todo:
         frozen = load_frozen(run)
         t0, rows = time.time(), 0
@@ -961,7 +966,10 @@ def run_identity(run):
     content = data.file_identity(cfg.train_data) if cfg.train_data else None
     content = content and {k: v for k, v in content.items() if k != "mtime_ns"}
     stored = {"topk": cfg.topk, "targets_dtype": cfg.targets_dtype} if cfg.targets_dir else None
-    return {**{k: getattr(cfg, k) for k in RUN_KEYS}, "micro_batches_per_step": run.world * cfg.grad_accum,
+    paths = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data")
+    values = {k: os.path.abspath(getattr(cfg, k)) if k in paths and getattr(cfg, k) else getattr(cfg, k)
+              for k in RUN_KEYS}  # a path given relative or absolute is the same path
+    return {**values, "micro_batches_per_step": run.world * cfg.grad_accum,
             "stored_targets": stored, "train_data_content": content}
 
 
@@ -970,25 +978,49 @@ def resume_point(run):
     out_dir holding checkpoints is refused (they would be mixed with this run's); with it, the newest
     intact checkpoint, skipping damaged ones with a message, whose run must be this run (RUN_KEYS)."""
     cfg, found = run.cfg, checkpoints(run.cfg.out_dir)
+    older = [d for d in glob.glob(os.path.join(cfg.out_dir, "ckpt-*")) if d not in found
+             and os.path.isfile(os.path.join(d, "trainer_state.pt"))]
+    if older:
+        raise SystemExit(f"{older[0]} was written by an older deltakd (no run.json): it cannot be checked to be "
+                         "this run; continue it with that version, or move it away")
     if not cfg.resume:
         if found:
             raise SystemExit(f"--out_dir={cfg.out_dir} holds checkpoints of an earlier run (newest "
                              f"{os.path.basename(found[-1])}): pass --resume=true to continue it, or another --out_dir")
         return None
-    for ckpt in reversed(found):
-        why = checkpoint_damage(ckpt)
+    damaged, ckpt = [], None
+    for candidate in reversed(found):
+        why = checkpoint_damage(candidate)
         if why is None:
+            ckpt = candidate
             break
+        damaged.append(candidate)
         if run.master:
-            print(f"resume: {ckpt} is damaged ({why}); trying the checkpoint before it", flush=True)
-    else:
-        if found:
-            raise SystemExit(f"--resume=true: no checkpoint in {cfg.out_dir} is intact; move them away to start afresh")
+            print(f"resume: {candidate} is damaged ({why}); trying the checkpoint before it", flush=True)
+    if damaged:
+        set_aside(run, damaged)
+        if ckpt is None:
+            raise SystemExit(f"--resume=true: no checkpoint in {cfg.out_dir} is intact (each set aside as damaged-*)")
+        if run.master:
+            print(f"resume: continuing from {ckpt}", flush=True)
+    if ckpt is None:
         return None
     with open(os.path.join(ckpt, "run.json")) as f:
         theirs = json.load(f)
     check_same_run(run, theirs, ckpt)
     return ckpt
+
+
+def set_aside(run, damaged):
+    # damaged checkpoints leave ckpt-* (nothing names or prunes them as checkpoints), kept for a post-mortem;
+    # rank 0 renames them once every rank has made its choice
+    if dist.is_initialized():
+        dist.barrier()
+    if run.master:
+        for d in damaged:
+            aside = os.path.join(os.path.dirname(d), f"damaged-{os.path.basename(d)}-{int(time.time())}")
+            os.rename(d, aside)
+            print(f"resume: {d} set aside as {aside}", flush=True)
 
 
 def check_same_run(run, theirs, ckpt):
@@ -998,7 +1030,7 @@ def check_same_run(run, theirs, ckpt):
     changed = [k for k in data.differing(theirs["identity"], ours) if k.split(".")[0] not in allowed]
     if changed:
         keys = ",".join(sorted({k.split(".")[0] for k in changed}))
-        values = ", ".join(f"{k} ({value_at(theirs['identity'], k)} -> {value_at(ours, k)})" for k in changed)
+        values = ", ".join(f"{k} ({value_at(theirs['identity'], k)!r} -> {value_at(ours, k)!r})" for k in changed)
         raise SystemExit(f"--resume=true: this run differs from the one in {ckpt} in {values}; a resumed "
                          f"run must be the same run. Pass --resume_allow={keys} to continue it anyway, or use another "
                          "--out_dir")
@@ -1022,15 +1054,19 @@ def checkpoint_damage(ckpt):
     try:
         with open(os.path.join(ckpt, "run.json")) as f:
             record = json.load(f)
-        files, _, _ = record["files"], record["identity"], record["config"]
-        for name, size in files.items():
-            have = os.path.getsize(os.path.join(ckpt, name)) if os.path.isfile(os.path.join(ckpt, name)) else None
+        if not {"step", "identity", "config", "files"} <= set(record):
+            return "run.json lacks a field"
+        for name, (size, crc) in record["files"].items():
+            path = os.path.join(ckpt, name)
+            have = os.path.getsize(path) if os.path.isfile(path) else None
             if have != size:
                 return f"{name} has {'no' if have is None else f'{have:,}'} bytes, {size:,} were written"
+            if data.scan(path)[0] != crc:
+                return f"{name} fails its checksum (changed after it was written)"
         qwen.check_model_dir(ckpt)
         torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # noqa: BLE001 -- whatever a damaged file raises, the verdict is the same
+        return data.first_line(e)
     return None
 
 
@@ -1053,15 +1089,18 @@ def save_checkpoint(run, step, student):
                                 "numpy": np.random.get_state(),
                                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                        os.path.join(tmp, "trainer_state.pt"))
-            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+            # each file's size and CRC-32 (read back from the page cache: ~4 s at 1.5B, see docs/recipe.md)
+            files = {f: [os.path.getsize(os.path.join(tmp, f)), data.scan(os.path.join(tmp, f))[0]]
+                     for f in sorted(os.listdir(tmp))}
             with open(os.path.join(tmp, "run.json"), "w") as f:  # last: a checkpoint without it is not complete
                 json.dump({"step": step, "identity": run_identity(run), "config": dataclasses.asdict(cfg),
                            "files": files}, f, indent=1)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's and safetensors' failed writes
         free = shutil.disk_usage(cfg.out_dir).free
         need = 3 * sum(p.numel() * p.element_size() for p in student.model.parameters())  # weights + AdamW m, v
+        full = getattr(e, "errno", None) == errno.ENOSPC or free < need  # the C++ and Rust writers hide errno
         why = f"no space left on the disk holding {cfg.out_dir} ({free / 1e9:.2f} GB free, a checkpoint takes " \
-              f"about {need / 1e9:.2f} GB)" if free < need else str(e).splitlines()[0]
+              f"about {need / 1e9:.2f} GB)" if full else data.first_line(e)
         raise SystemExit(f"could not write {ckpt}: {why}; {intact_checkpoint(cfg.out_dir)}") from None
     for old in checkpoints(cfg.out_dir)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -1069,7 +1108,7 @@ def save_checkpoint(run, step, student):
 
 def intact_checkpoint(out_dir):
     # what a stopped run leaves to resume from, for its last message
-    found = checkpoints(out_dir)
+    found = checkpoints(out_dir)  # damaged ones were set aside when the run started
     if not found:
         return "no checkpoint has been written yet"
     return f"the newest checkpoint, {found[-1]}, is intact (continue with --resume=true)"
@@ -1125,10 +1164,18 @@ class OutDirLock:
             self.file.close()
             raise SystemExit(f"--out_dir={self.out_dir} is in use by another run ({holder}); wait for it to "
                              "finish or choose another --out_dir") from None
-        self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.file.flush()
-        self.remove_leftovers()
+        except OSError as e:  # a file system without locks (some network ones)
+            self.file.close()
+            raise SystemExit(f"{self.file.name}: cannot lock it ({e}); use an --out_dir on a local file "
+                             "system") from None
+        try:
+            self.file.truncate(0)
+            self.file.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            self.file.flush()
+            self.remove_leftovers()
+        except BaseException:
+            self.file.close()
+            raise
         return self
 
     def __exit__(self, *exc_info):
@@ -1136,7 +1183,11 @@ class OutDirLock:
             self.file.close()
 
     def remove_leftovers(self):
-        leftovers = glob.glob(os.path.join(self.out_dir, ".tmp-ckpt-*")) + glob.glob(os.path.join(self.out_dir, "ckpt-*.old"))
+        for old in glob.glob(os.path.join(self.out_dir, "ckpt-*.old")):  # a kill inside qwen.replace_dir: the
+            if not os.path.exists(old[:-4]):                           # complete old one goes back in place
+                os.rename(old, old[:-4])
+        leftovers = [d for pattern in (".tmp-ckpt-*", "ckpt-*.old")
+                     for d in glob.glob(os.path.join(self.out_dir, pattern))]
         if leftovers:
             size = sum(os.path.getsize(os.path.join(r, f)) for d in leftovers for r, _, fs in os.walk(d) for f in fs)
             for d in leftovers:
@@ -1290,8 +1341,8 @@ class Log:
         first `step` ones on resume (the steps after the checkpoint are trained, and logged, again)."""
         if not self.run.master or not os.path.isfile(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path) as f:  # a line cut by a kill belongs to no saved step
+            kept = [line for line in f if parsed_step(line) is not None and parsed_step(line) <= step]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
@@ -1321,6 +1372,13 @@ class Log:
             print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
+def parsed_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Preemption:
     """While the training loop runs, SIGTERM / SIGUSR1 (what SLURM and most clusters send before a kill) and a
     first Ctrl-C (SIGINT) only set a flag: the loop finishes the optimizer step, all ranks agree, a checkpoint
@@ -1342,7 +1400,8 @@ class Preemption:
             if self.requested == "SIGINT":
                 raise KeyboardInterrupt
             if int(os.environ.get("RANK", 0)) == 0:  # a terminal's Ctrl-C reaches every rank
-                print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)", flush=True)
+                # os.write, not print: the signal may have landed inside a print, which is not reentrant
+                os.write(1, b"\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)\n")
         self.requested = signal.Signals(signum).name
 
     def agreed(self, device):

@@ -1835,16 +1835,22 @@ def test_a_resumed_run_is_the_same_run_bit_exact_and_a_damaged_newest_checkpoint
     out = tmp_path / "run"
     assert cli(run_dir, out, **dict(common, save_every=1)).returncode == 0  # ckpt-2, 3 and 4 kept
     # what defines the run may not change: each differing key is named
-    one_line_error(cli(run_dir, out, resume=True, method="sft", batch_size=4, **dict(common, max_steps=4)),
-                   "differs from the one in", "method", "batch_size", "--resume_allow=batch_size,method")
+    one_line_error(cli(run_dir, out, resume=True, method="sft", batch_size=4, **common),
+                   "differs from the one in", "method ('delta' -> 'sft')", "batch_size (2 -> 4)",
+                   "--resume_allow=batch_size,method")
+    for key, value in (("seed", 7), ("alpha", 0.5), ("max_len", 128), ("grad_accum", 2), ("temperature", 2.0),
+                       ("train_data", shutil.copy(run_dir / "train.jsonl", tmp_path / "moved.jsonl"))):
+        line = one_line_error(cli(run_dir, out, resume=True, **{**common, key: value}), "differs from the one in")
+        assert line.count(" -> ") == 1 and ("micro_batches_per_step" if key == "grad_accum" else key) in line
     changed = tmp_path / "train.jsonl"  # other data, under any name
     changed.write_text(open(run_dir / "train.jsonl").read() + json.dumps(data.read_rows(GSM8K)[60]) + "\n")
     one_line_error(cli(run_dir, out, resume=True, train_data=changed, **common), "train_data_content.size")
     one_line_error(cli(run_dir, out, **common), "holds checkpoints of an earlier run", "--resume=true")
-    # the newest checkpoint, step 4, is damaged, and a killed save left a partial one: step 2 it is, bit-exactly
+    # the newest checkpoint, step 4, is cut short, step 3's weights have a changed byte, and a killed save left
+    # a partial one: step 2 it is, bit-exactly, and the damaged two are set aside (not pruned, not named intact)
     with open(out / "ckpt-0000004" / "trainer_state.pt", "r+b") as f:
         f.truncate(1000)
-    shutil.rmtree(out / "ckpt-0000003")
+    flip(out / "ckpt-0000003" / "model.safetensors", 5000)
     (out / ".tmp-ckpt-0000005-x").mkdir()
     (out / ".tmp-ckpt-0000005-x" / "model.safetensors").write_bytes(b"0" * 4096)
     r = cli(run_dir, out, "--quiet=false", resume=True, **common)
@@ -1852,6 +1858,8 @@ def test_a_resumed_run_is_the_same_run_bit_exact_and_a_damaged_newest_checkpoint
     assert "removed 1 partial checkpoint(s) left by a killed run" in r.stdout
     assert re.search(r"ckpt-0000004 is damaged \(trainer_state.pt has 1,000 bytes, [\d,]+ were written\); "
                      "trying the checkpoint before it", r.stdout), r.stdout
+    assert "ckpt-0000003 is damaged (model.safetensors fails its checksum (changed after it was written))" in r.stdout
+    assert len(list(out.glob("damaged-ckpt-000000[34]-*"))) == 2
     assert "ckpt-0000002 at step 2" in r.stdout and not list(out.glob(".tmp-*"))
     a, b = weights(tmp_path / "straight" / "ckpt-0000004"), weights(out / "ckpt-0000004")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -1860,6 +1868,9 @@ def test_a_resumed_run_is_the_same_run_bit_exact_and_a_damaged_newest_checkpoint
     r = cli(run_dir, out, "--quiet=false", resume=True, **dict(common, max_steps=6, lr=1e-3))
     assert r.returncode == 0 and "the schedule changed (max_steps 4 -> 6, lr 0.003 -> 0.001)" in r.stdout, r.stdout
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+    # a change the user names is accepted
+    r = cli(run_dir, out, "--resume_allow=seed", resume=True, **dict(common, max_steps=7, lr=1e-3, seed=7))
+    assert r.returncode == 0 and steps_logged(out) == [1, 2, 3, 4, 5, 6, 7], r.stderr[-3000:]
 
 
 def test_one_run_per_out_dir_and_a_dead_runs_lock_blocks_nothing(run_dir, tmp_path):
@@ -1878,9 +1889,9 @@ def test_one_run_per_out_dir_and_a_dead_runs_lock_blocks_nothing(run_dir, tmp_pa
 
 
 def test_ctrl_c_finishes_the_step_and_checkpoints_and_a_second_one_stops_at_once(run_dir, tmp_path):
-    # each step made 1 s slower, so that the second Ctrl-C surely lands while the first one's step still runs
-    slow = ("import time, deltakd; step = deltakd.train_step; "
-            "deltakd.train_step = lambda *a: (time.sleep(1), step(*a))[1]")
+    # each checkpoint made 2 s slower, so that the second Ctrl-C surely lands before the first one's is written
+    slow = ("import time, deltakd; save = deltakd.save_checkpoint; "
+            "deltakd.save_checkpoint = lambda *a: (time.sleep(2), save(*a))[1]")
 
     def interrupted(out, signals):
         code = f"{slow}\nimport sys; deltakd.main(sys.argv[1:])"
@@ -1900,17 +1911,19 @@ def test_ctrl_c_finishes_the_step_and_checkpoints_and_a_second_one_stops_at_once
     assert rc == 0 and "SIGINT: saved step" in stdout and saved, stdout + stderr[-3000:]
     assert steps_logged(tmp_path / "once")[-1] == int(saved[-1][-7:])
     rc, stdout, stderr = interrupted(tmp_path / "twice", 2)
-    assert rc == 130 and "Traceback" not in stderr and "interrupted (Ctrl-C)" in stderr, stderr[-3000:]
+    assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert "interrupted (Ctrl-C); no checkpoint has been written yet" in stderr, stderr[-3000:]
     assert not deltakd.checkpoints(str(tmp_path / "twice")) and not list((tmp_path / "twice").glob(".tmp-*"))
 
 
-def test_a_full_disk_while_checkpointing_names_the_intact_checkpoint_and_loses_nothing(run_dir, tmp_path):
+@pytest.mark.parametrize("limit_mb", [30, 5])  # trainer_state.pt (~40 MB) fails; model.safetensors (~20 MB) fails
+def test_a_full_disk_while_checkpointing_names_the_intact_checkpoint_and_loses_nothing(run_dir, tmp_path, limit_mb):
     out, common = tmp_path / "out", dict(save_every=2, eval_size=0, keep_last=1)
     deltakd.train(deltakd.parse_args(args(run_dir, out, max_steps=2, **common)))
     before = weights(out / "ckpt-0000002")
-    # files past 30 MB fail to write (trainer_state.pt is ~40 MB), as on a full disk, which reports no space free
+    # files past the limit fail to write, as on a full disk, which reports no space free
     full = ("import resource, shutil, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (30 << 20, 30 << 20)); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_mb} << 20, {limit_mb} << 20)); "
             "shutil.disk_usage = lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0)")
     line = one_line_error(cli(run_dir, out, resume=True, max_steps=4, preamble=full, **common),
                           f"could not write {out / 'ckpt-0000004'}: no space left on the disk holding {out}",
