@@ -813,6 +813,7 @@ def flip(path, offset, n=1):
 def chat(user, answer):
     return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
 
+
 def test_a_cache_file_changed_in_place_is_named_and_rebuilt(tmp_path, capsys):
     run = run_of(deltakd.parse_args([f"--out_dir={tmp_path}", "--max_len=256"]))
     first = deltakd.token_cache(run, GSM8K)
@@ -868,6 +869,7 @@ def test_a_cache_without_checksums_is_not_trusted(tmp_path):
     json.dump(meta, open(os.path.join(where, "meta.json"), "w"))
     assert data.check_cache(where, key) == "input_ids.bin fails its checksum (changed after it was written)"
 
+
 def store_of(tmp_path, vocab=1000):
     # a store over a small token cache, every shard written by TargetStore.write from seeded numbers
     where, key = build(tmp_path, GSM8K, max_len=256, max_rows=30)
@@ -907,8 +909,6 @@ def test_shard_checksums_are_of_the_bytes_written(tmp_path):
     sums = json.load(open(os.path.join(store.shard_dir(2), "crc32.json")))
     for name, (p, _, _) in store.files(2).items():
         assert sums[name] == zlib.crc32(open(p, "rb").read())
-
-# bad rows: skipped and counted with skip_bad_rows, named by file and line (from 1) without it
 
 
 def bad_file(tmp_path):
@@ -983,6 +983,7 @@ def test_json_and_parquet_rows_are_named_from_1(tmp_path, tokenizer):
     with pytest.raises(data.DataError, match=rf"^{strs}: row 2: the row is a str, not an object"):
         data.read_rows(strs)
 
+
 def test_held_out_rows_come_only_from_rows_in_the_cache(tmp_path, tokenizer):
     n, eval_size, seed = 40, 6, 3
     order = np.random.default_rng(seed).permutation(n)
@@ -1012,6 +1013,7 @@ def test_load_data_holds_out_only_rows_that_made_it_into_the_cache(run_dir, tmp_
     held = data.held_out_rows(cache.rows, 40, 8, seed)
     assert len(evalset) == 8 and not bad & set(held.tolist()) and len(train_idx) == 30
     assert evalset == data.eval_examples([rows[i] for i in held], tokenizer, cfg.max_len, cfg.system_prompt)
+
 
 def test_a_parquet_that_is_not_parquet_is_one_data_error_naming_the_file(tmp_path, run_dir):
     pytest.importorskip("pyarrow")
