@@ -1817,6 +1817,11 @@ def test_damaged_caches_and_shards_are_rebuilt_with_a_message(run_dir, tmp_path)
     assert f"targets: {tmp_path / 'targets' / 'shard-00001'}: logp.bin fails its checksum (changed after it was " \
            "written); computing it again" in r.stdout, r.stdout
     assert "shard-00000" not in r.stdout and same_files(tmp_path / "targets", tmp_path / "intact")
+    # two ranks: rank 1 owns shard 1; rank 0 must not take the damaged one as complete while it is recomputed
+    flip(tmp_path / "targets" / "shard-00001" / "ids.bin", 8)
+    r = run_one_thread(args(run_dir, tmp_path / "o3", **common), nproc=2)
+    assert r.returncode == 0 and "shard-00001: ids.bin fails its checksum" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert same_files(tmp_path / "targets", tmp_path / "intact")
 
 
 def test_bad_rows_are_named_by_file_and_line_and_skipped_with_skip_bad_rows(run_dir, tmp_path):
