@@ -546,6 +546,7 @@ class Run:
     tokenizer: Tokenizer
     tokenizer_path: str
     spec: LossSpec
+    identity: dict | None = None    # what makes it this run (run_identity), taken once at the start
     resume_from: str | None = None  # the checkpoint this run continues (resume_point)
 
     @property
@@ -566,6 +567,7 @@ def start(cfg):
     np.random.seed(cfg.seed)
     run = Run(cfg, rank, world, device, tokenizer, tokenizer_path, loss_spec(cfg, tokenizer.get_vocab_size()))
     if not (cfg.eval_only or cfg.targets_only):
+        run = dataclasses.replace(run, identity=run_identity(run))  # once: the data as this run reads it
         run = dataclasses.replace(run, resume_from=resume_point(run))
     if run.master and not cfg.quiet:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -1025,7 +1027,7 @@ def set_aside(run, damaged):
 
 def check_same_run(run, theirs, ckpt):
     # refuses a changed run (RUN_KEYS), tells a changed schedule
-    cfg, ours = run.cfg, run_identity(run)
+    cfg, ours = run.cfg, run.identity
     allowed = set(filter(None, cfg.resume_allow.split(",")))
     changed = [k for k in data.differing(theirs["identity"], ours) if k.split(".")[0] not in allowed]
     if changed:
@@ -1050,7 +1052,8 @@ def value_at(d, dotted):
 
 def checkpoint_damage(ckpt):
     """Why a checkpoint cannot be resumed from (None if it can): its run.json (written last) unreadable, a
-    file whose size differs from the one run.json recorded, a model or trainer state that does not open."""
+    file whose size or CRC-32 differs from the one run.json recorded, a model or trainer state that does not
+    open."""
     try:
         with open(os.path.join(ckpt, "run.json")) as f:
             record = json.load(f)
@@ -1073,7 +1076,7 @@ def checkpoint_damage(ckpt):
 def save_checkpoint(run, step, student):
     """out_dir/ckpt-{step}: a complete Hugging Face model directory (weights, config, tokenizer with its
     chat template, generation config) + trainer_state.pt (optimizer, step, RNG states) + run.json (the
-    run's identity and every file's size), written atomically: a kill leaves the previous checkpoint
+    run's identity, every file's size and CRC-32), written atomically: a kill leaves the previous checkpoint
     intact and no half-written one. A failed write (a full disk) stops the run naming the intact one."""
     cfg, ckpt = run.cfg, checkpoint_dir(run.cfg.out_dir, step)
     if cfg.zero:
@@ -1093,7 +1096,7 @@ def save_checkpoint(run, step, student):
             files = {f: [os.path.getsize(os.path.join(tmp, f)), data.scan(os.path.join(tmp, f))[0]]
                      for f in sorted(os.listdir(tmp))}
             with open(os.path.join(tmp, "run.json"), "w") as f:  # last: a checkpoint without it is not complete
-                json.dump({"step": step, "identity": run_identity(run), "config": dataclasses.asdict(cfg),
+                json.dump({"step": step, "identity": run.identity, "config": dataclasses.asdict(cfg),
                            "files": files}, f, indent=1)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's and safetensors' failed writes
         free = shutil.disk_usage(cfg.out_dir).free
@@ -1342,7 +1345,7 @@ class Log:
         if not self.run.master or not os.path.isfile(self.path):
             return
         with open(self.path) as f:  # a line cut by a kill belongs to no saved step
-            kept = [line for line in f if parsed_step(line) is not None and parsed_step(line) <= step]
+            kept = [line for line, n in ((line, parsed_step(line)) for line in f) if n is not None and n <= step]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
