@@ -76,6 +76,10 @@ class Config:
     lam: float = 0.5            # weight of the SFT term (forced to 1 for sft and seqkd)
     alpha: float = 1.0          # strength of the finetuning shift; 0: the raw models are not loaded
     temperature: float = 1.0
+    # on-policy distillation: answers sampled from the student, scored by the frozen models live
+    on_policy: float = 0.0      # share of micro-batches answered by the student's own samples (GKD's lmbda); 0: none
+    on_policy_temperature: float = 1.0  # the student's sampling temperature, top_p 1 (0: greedy)
+    on_policy_max_new_tokens: int = 256  # longest sampled answer (and at most max_len in all)
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
     targets_dir: str = ""       # empty: frozen models run live at every step
     topk: int = 64              # target probabilities kept per supervised token (+ the mass of the rest)
@@ -152,11 +156,11 @@ def divergence_of(cfg):
 # the values each numeric flag accepts, refused in parse_args before any work (a float must also be finite)
 FLAG_RANGES = [
     (("batch_size", "grad_accum", "epochs", "topk", "targets_shard", "chunk_size", "eval_batch_size", "eval_seeds",
-      "eval_max_new_tokens", "seqkd_max_new_tokens"), lambda v: v >= 1, ">= 1"),
+      "eval_max_new_tokens", "seqkd_max_new_tokens", "on_policy_max_new_tokens"), lambda v: v >= 1, ">= 1"),
     (("max_rows", "eval_size", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "alpha", "eval_every",
-      "eval_temperature", "save_every", "keep_last", "peak_tflops"), lambda v: v >= 0, ">= 0"),
+      "eval_temperature", "save_every", "keep_last", "peak_tflops", "on_policy_temperature"), lambda v: v >= 0, ">= 0"),
     (("lr", "temperature"), lambda v: v > 0, "> 0"),
-    (("lam", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("lam", "min_lr_ratio", "on_policy"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_len",), lambda v: v >= 2, ">= 2 (a prompt token and a supervised one)"),
 ]
@@ -197,6 +201,14 @@ def parse_args(argv, cfg=None):
         raise SystemExit(f"--divergence is one of {', '.join(DIVERGENCES)}; --loss_impl is chunked or dense")
     if cfg.targets_dir and divergence_of(cfg) is None:
         raise SystemExit(f"--targets_dir has no effect with --method={cfg.method} (no teacher distribution)")
+    if cfg.on_policy and divergence_of(cfg) is None:
+        raise SystemExit(f"--on_policy has no effect with --method={cfg.method} (no teacher distribution to score "
+                         "the samples with)")
+    if cfg.on_policy and cfg.targets_dir:
+        raise SystemExit("--on_policy with --targets_dir: the samples change at every step, so no stored target can "
+                         "score them; drop --targets_dir (the frozen models then run live)")
+    if {"on_policy_temperature", "on_policy_max_new_tokens"} & given and not cfg.on_policy:
+        raise SystemExit("--on_policy_temperature and --on_policy_max_new_tokens go with --on_policy > 0")
     if cfg.targets_dtype not in ("float32", "float16") or cfg.autocast not in ("auto", "bf16", "none") \
             or cfg.teacher_dtype not in ("bfloat16", "float16", "float32"):
         raise SystemExit("--targets_dtype is float32 or float16; --autocast is auto, bf16 or none; "
@@ -954,7 +966,9 @@ def autocast(device, mode="auto"):
 # --resume_allow names it too. Model paths count (a moved model: allow its key); so do the data's bytes
 RUN_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "max_rows", "eval_data",
             "eval_size", "max_len", "system_prompt", "skip_bad_rows", "method", "divergence", "lam", "alpha",
-            "temperature", "teacher_dtype", "autocast", "batch_size", "seed")
+            "temperature", "teacher_dtype", "autocast", "batch_size", "seed", "on_policy", "on_policy_temperature",
+            "on_policy_max_new_tokens")
+ON_POLICY_KEYS = RUN_KEYS[-3:]  # recorded only when on_policy > 0: a run from before them is the same run
 RUN_FACTS = ("micro_batches_per_step", "stored_targets", "train_data_content")  # the rest of run_identity
 # the schedule may change on resume (e.g. a finished run continued to a larger max_steps); the run says so
 SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
@@ -970,7 +984,7 @@ def run_identity(run):
     stored = {"topk": cfg.topk, "targets_dtype": cfg.targets_dtype} if cfg.targets_dir else None
     paths = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data")
     values = {k: os.path.abspath(getattr(cfg, k)) if k in paths and getattr(cfg, k) else getattr(cfg, k)
-              for k in RUN_KEYS}  # a path given relative or absolute is the same path
+              for k in RUN_KEYS if cfg.on_policy or k not in ON_POLICY_KEYS}  # a path relative or absolute: the same
     return {**values, "micro_batches_per_step": run.world * cfg.grad_accum,
             "stored_targets": stored, "train_data_content": content}
 
@@ -1260,12 +1274,60 @@ class MicroBatch(NamedTuple):
     labels: torch.Tensor        # (B, T), -100 where nothing is learned
     examples: np.ndarray        # the cache's example indices (a stored target's rows)
     lengths: np.ndarray         # their real lengths (model FLOPs)
+    sampled: bool = False       # the answers are the student's own samples (--on_policy): no SFT term
 
 
 def micro_batches(run, cache, examples):
     # collated on CPU; a compiled model gets lengths padded to a multiple of 64, so it sees few shapes
     return [MicroBatch(*data.collate([cache.example(i) for i in ex], run.pad_id, 64 if run.cfg.compile else 1)[:2],
                        ex, cache.lengths[ex]) for ex in examples]
+
+
+def on_policy_draw(seed, step, position):
+    """(u, sampling seed) of the micro-batch at this position among all ranks' micro-batches of the step
+    (rank + j * world for a rank's j-th); it is sampled if u < --on_policy. A function of the seed, step and
+    position alone: every rank, any world size with the same global batch and a resumed run draw the same."""
+    rng = np.random.default_rng([seed, step, position])
+    return rng.random(), int(rng.integers(2**62))
+
+
+def sample_answers(run, model, micro, step):
+    """The step's micro-batches with those drawn (on_policy_draw) answered by the student itself: for each
+    prompt (the conversation up to its first supervised token, as SeqKD's), one sample at
+    --on_policy_temperature, in eval mode with the KV cache and no gradient, up to <|im_end|> (then
+    supervised, as in the data) or the length limit; every sampled token is supervised, so no sample is
+    empty. Returns them and the figures [sampled micro-batches, sampled tokens, samples, seconds]."""
+    cfg = run.cfg
+    stops = [run.tokenizer.token_to_id("<|im_end|>"), run.pad_id]  # a raw model may end with <|endoftext|>
+    out, figures, was_training = [], np.zeros(4), model.training
+    model.eval()
+    for j, batch in enumerate(micro):
+        u, seed = on_policy_draw(cfg.seed, step, run.rank + j * run.world)
+        if u >= cfg.on_policy:
+            out.append(batch)
+            continue
+        t0 = time.time()
+        # a plain-text row (every token supervised) has no prompt: its first token is the prompt
+        prompts = [data.prompt_ids(ids, labels) or ids[:1].tolist() for ids, labels in
+                   zip(batch.input_ids.numpy(), batch.labels.numpy())]
+        with autocast(run.device, cfg.autocast):
+            answers = model.generate(prompts, min(cfg.on_policy_max_new_tokens, cfg.max_len - min(map(len, prompts))),
+                                     stops, qwen.Sampling(cfg.on_policy_temperature, seed=seed), run.spec.vocab)
+        answers = [a[:cfg.max_len - len(p)] for p, a in zip(prompts, answers)]  # at most max_len in all
+        examples = [(p + a, [data.IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers)]
+        input_ids, labels, _ = data.collate(examples, run.pad_id, 64 if cfg.compile else 1)
+        out.append(MicroBatch(input_ids, labels, batch.examples, np.array([len(e) for e, _ in examples]), True))
+        figures += [1, sum(map(len, answers)), len(answers), time.time() - t0]
+    model.train(was_training)
+    return out, figures
+
+
+def sampling_record(run, figures, micro):
+    # the step's on-policy figures, all ranks together (the sampling time: the ranks' mean)
+    batches, tokens, samples, seconds, n_micro = all_reduce(torch.tensor([*figures, len(micro)], dtype=torch.float64,
+                                                                         device=run.device)).tolist()
+    return {"sampled": batches / n_micro, "sampled_length": tokens / max(samples, 1),
+            "sampled_tokens_per_s": tokens / max(seconds / run.world, 1e-9)}
 
 
 def lr_at(step, cfg, total):
@@ -1278,8 +1340,12 @@ def lr_at(step, cfg, total):
 
 def train_step(run, student, target, micro, step, total):
     """One optimizer step over this rank's micro-batches; returns the loss sums (loss, sft, kd) per supervised
-    token, the grad norm, the lr, and the token counts and model FLOPs of all ranks."""
+    token, the grad norm, the lr, and the token counts and model FLOPs of all ranks. With --on_policy the
+    drawn micro-batches are first answered by the student (sample_answers); on those the loss is the KD term
+    alone at full weight (lam = 0: the student's own tokens are no labels), so every supervised token of the
+    step weighs the same, and at on_policy = 1 the loss is KL(pi* || pi_theta) on the student's samples."""
     cfg, device = run.cfg, run.device
+    micro, sampling = sample_answers(run, student.model, micro, step) if cfg.on_policy else (micro, None)
     # normalise by the supervised tokens of the whole step, all micro-batches and ranks together
     n_tokens = all_reduce(torch.tensor(sum(int(supervised_mask(b.labels).sum()) for b in micro),
                                        dtype=torch.float64, device=device)).item()
@@ -1294,10 +1360,11 @@ def train_step(run, student, target, micro, step, total):
             teacher = target.of(input_ids, batch.examples, cfg.autocast)
             with autocast(device, cfg.autocast):
                 h = student.ddp(input_ids, return_hidden=True)
-            loss, sft, kd, _ = distill_loss(h, student.model.lm_head.weight, labels, teacher, run.spec)
+            spec = dataclasses.replace(run.spec, lam=0.0) if batch.sampled else run.spec
+            loss, sft, kd, _ = distill_loss(h, student.model.lm_head.weight, labels, teacher, spec)
             # DDP averages gradients over ranks; * world turns that into the global token mean
             (loss * (run.world / n_tokens)).backward()
-        sums += torch.stack([loss.detach(), sft, kd]).double()
+        sums += torch.stack([loss.detach(), sft * (not batch.sampled), kd]).double()  # sft: the data's tokens
     sums = all_reduce(sums) / n_tokens
     if not torch.isfinite(sums).all():
         raise SystemExit(f"non-finite loss at step {step + 1} ({sums.tolist()}); stopping without saving: "
@@ -1311,15 +1378,18 @@ def train_step(run, student, target, micro, step, total):
     n_in, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro), step_flops(micro, student, target)],
                                           dtype=torch.float64, device=device)).tolist()
     return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
-            "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens}
+            "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens,
+            **(sampling_record(run, sampling, micro) if sampling is not None else {})}
 
 
 def step_flops(micro, student, target):
-    # model FLOPs of this rank's micro-batches: the student trained on every real token, each live frozen model forward
+    # model FLOPs of this rank's micro-batches: the student trained on every real token (and run forward over a
+    # sampled sequence: its sampling), each live frozen model forward
     total = 0.0
     for batch in micro:
         for T in batch.lengths.tolist():
             total += T * qwen.flops_per_token(student.model.config, T, train=True)
+            total += batch.sampled * T * qwen.flops_per_token(student.model.config, T, train=False)
             total += sum(T * qwen.flops_per_token(m.config, T, train=False) for m in target.frozen.values())
     return total
 
@@ -1362,9 +1432,11 @@ class Log:
         if not self.run.cfg.quiet:
             eta = (time.time() - self.t_start) / step * (total - step)
             mfu = f"mfu {rec['mfu']:.1%}" if self.peak else f"{rec['tflops_per_device']:.2f} TFLOP/s/device"
+            sampled = (f"sampled {rec['sampled']:.0%} (mean {rec['sampled_length']:.0f} tokens, "
+                       f"{rec['sampled_tokens_per_s']:.0f} tok/s) | ") if "sampled" in rec else ""
             print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
-                  f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {mfu} | "
-                  f"eta {eta:.0f}s")
+                  f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {sampled}{rec['tokens_per_s']:.0f} tok/s | "
+                  f"{mfu} | eta {eta:.0f}s")
 
     def eval(self, step, scores):
         if not self.run.master:
@@ -1500,6 +1572,9 @@ def memory_plan(cfg, configs, world):
     rows.append((f"activations {cfg.batch_size} x {cfg.max_len}, {'bf16' if act == 2 else 'fp32'}, "
                  f"checkpointing={'on' if cfg.grad_checkpointing else 'off'}",
                  qwen.activation_bytes(s, tokens, act, cfg.grad_checkpointing)))
+    if cfg.on_policy:  # held while the student samples, before the step's forward; the frozen models stay loaded
+        rows.append((f"on-policy sampling: the student's KV cache, {cfg.batch_size} x {cfg.max_len}, fp32 (its "
+                     "weights' dtype)", qwen.kv_cache_bytes(s, tokens, 4)))
     return rows
 
 
@@ -1512,7 +1587,7 @@ def dry_run(cfg):
     rows = memory_plan(cfg, configs, world)
     T, s = cfg.max_len, configs["student"]
     flops = world * cfg.grad_accum * cfg.batch_size * T * (
-        qwen.flops_per_token(s, T, train=True)
+        qwen.flops_per_token(s, T, train=True) + cfg.on_policy * qwen.flops_per_token(s, T, train=False)  # sampling
         + sum(qwen.flops_per_token(c, T, train=False) for r, c in configs.items() if r != "student"))
     other = qwen.activation_bytes(s, cfg.batch_size * T, activation_dtype_bytes(cfg), not cfg.grad_checkpointing)
     print(f"memory plan per GPU (world size {world}, --method={cfg.method}"
@@ -1620,6 +1695,9 @@ def demo_seed(cfg, seed, results):
     alphas, topk = (DEMO.full_alphas, DEMO.full_topk) if cfg.full_comparison else ((cfg.alpha,), 0)
     students = [(m, {"method": m}) for m in ("sft", "fkl", "rkl", "seqkd")]
     students += [(f"delta-a{a:g}", {"method": "delta", "alpha": a}) for a in alphas]
+    if cfg.on_policy:  # `python deltakd.py --on_policy=P`: on-policy Delta-KD beside the off-policy one
+        students.append((f"delta-a{cfg.alpha:g}-onpolicy{cfg.on_policy:g}", {"method": "delta", "alpha": cfg.alpha,
+                                                                            "on_policy": cfg.on_policy}))
     if topk:
         students.append((f"delta-a{cfg.alpha:g}-top{topk}", {"method": "delta", "alpha": cfg.alpha, "topk": topk,
                          "targets_dtype": "float32", "targets_dir": os.path.join(root, "targets")}))
@@ -1643,6 +1721,7 @@ def demo_stage(cfg, out_dir, **overrides):
                       "max_len": DEMO.max_len, "eval_max_new_tokens": DEMO.eval_max_new_tokens,
                       "eval_temperature": DEMO.eval_temperature, "eval_seeds": DEMO.eval_seeds,
                       "eval_batch_size": DEMO.eval_size, "seqkd_max_new_tokens": DEMO.eval_max_new_tokens,
+                      "on_policy": 0.0, "on_policy_max_new_tokens": DEMO.eval_max_new_tokens,
                       "teacher_dtype": "float32", "keep_last": 1, "resume": False, "method": "sft", **overrides})
     shutil.rmtree(out_dir, ignore_errors=True)
     scores = train(stage)
@@ -1677,7 +1756,7 @@ def demo_table(results):
     for name, by_seed in results.items():
         label = DEMO_NAMES.get(name) or (name[:1].upper() + name[1:] if name.startswith("baseline")
                                          else "Delta-KD (" + name.removeprefix("student-delta-").replace("a", "α=", 1)
-                                         .replace("-top", ", stored top-") + ")")
+                                         .replace("-top", ", stored top-").replace("-onpolicy", ", on-policy p=") + ")")
         cells = []
         for _, key, fmt in cols:
             vals = [s[key] for s in by_seed.values() if key in s]

@@ -588,3 +588,8 @@ def activation_bytes(config, tokens, dtype_bytes, checkpointing):
     if checkpointing:
         return tokens * (4 * C * config.num_hidden_layers + layer)
     return tokens * layer * config.num_hidden_layers
+
+
+def kv_cache_bytes(config, tokens, dtype_bytes):
+    # generate's static KV cache: a key and a value per layer, KV head and token
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * tokens * dtype_bytes

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -1548,7 +1549,7 @@ def run_one_thread(argv, nproc=0):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
 
-@pytest.mark.parametrize("variant", ["ddp", "zero", "stored_targets", "bf16_autocast"])
+@pytest.mark.parametrize("variant", ["ddp", "zero", "stored_targets", "bf16_autocast", "on_policy"])
 def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_dir, tmp_path, variant):
     # both sides in child processes with one thread each (torchrun's default), so the fp32 reduction
     # order, and with it the result to the last bit, does not depend on this machine's thread count
@@ -1556,6 +1557,8 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_
     stored = lambda name: dict(targets_dir=tmp_path / name, topk=8, targets_shard=8) if variant == "stored_targets" else {}  # noqa: E731
     if variant == "bf16_autocast":
         common["autocast"] = "bf16"
+    if variant == "on_policy":  # each rank samples its micro-batches with the seeds one rank would use
+        common.update(on_policy=0.5, on_policy_max_new_tokens=8)
     r = run_one_thread(args(run_dir, tmp_path / "two", grad_accum=1, zero=variant == "zero", **stored("t2"), **common),
                        nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1570,6 +1573,8 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert [m["supervised_tokens"] for m in one[:3]] == [m["supervised_tokens"] for m in two[:3]]
+    if variant == "on_policy":
+        assert [m["sampled"] for m in one[:3]] == [m["sampled"] for m in two[:3]] == [0.5, 0.5, 0.0]
     ev1, ev2 = one[-1]["eval"], two[-1]["eval"]
     forced = ("nll", "kl_teacher", "top1_teacher")  # fp32 sums over another split and padding of the examples
     assert {k: v for k, v in ev1.items() if k not in forced} == {k: v for k, v in ev2.items() if k not in forced}
@@ -1940,6 +1945,152 @@ def test_a_full_disk_while_checkpointing_names_the_intact_checkpoint_and_loses_n
     assert all(torch.equal(before[k], after[k]) for k in before)
     r = cli(run_dir, out, resume=True, max_steps=4, **common)
     assert r.returncode == 0 and deltakd.checkpoints(str(out))[-1].endswith("ckpt-0000004"), r.stderr[-3000:]
+
+
+# -----------------------------------------------------------------------------
+# on-policy distillation
+
+
+def test_on_policy_flags_are_refused_where_they_cannot_work():
+    for argv, text in [(["--on_policy=1.5"], "--on_policy=1.5: must be in [0, 1]"),
+                       (["--on_policy=-0.1"], "must be in [0, 1]"),
+                       (["--on_policy=0.5", "--on_policy_max_new_tokens=0"], "must be >= 1"),
+                       (["--on_policy=0.5", "--on_policy_temperature=-1"], "must be >= 0"),
+                       (["--on_policy=0.5", "--targets_dir=t"], "no stored target can score them"),
+                       (["--on_policy=0.5", "--method=sft"], "no effect with --method=sft"),
+                       (["--on_policy=1", "--method=seqkd"], "no effect with --method=seqkd"),
+                       (["--on_policy_temperature=0.7"], "go with --on_policy > 0")]:
+        with pytest.raises(SystemExit, match=re.escape(text)):
+            deltakd.parse_args(argv)
+    for method in ("fkl", "rkl", "delta"):
+        assert deltakd.parse_args([f"--method={method}", "--on_policy=1"]).on_policy == 1
+
+
+def draws(step, n, p=0.5, seed=1337):
+    # which of a step's n micro-batches (all ranks together) are sampled at --on_policy=p
+    return [deltakd.on_policy_draw(seed, step, j)[0] < p for j in range(n)]
+
+
+def test_on_policy_zero_never_samples_and_rare_draws_change_nothing_else(run_dir, tmp_path, monkeypatch):
+    common = dict(max_steps=3, grad_accum=2, eval_size=0, cache_dir=tmp_path / "cache")
+    calls = []
+    monkeypatch.setattr(deltakd, "sample_answers", lambda *a: calls.append(a) or a[2:3] + (np.zeros(4),))
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "p0", **common)))
+    assert calls == []  # p = 0: today's loop, the sampler never called
+    monkeypatch.undo()
+    # p = 1e-9 goes through the draw of every micro-batch and samples none: the weights of p = 0, to the bit
+    assert not any(any(draws(s, 2, 1e-9)) for s in range(3))
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "tiny", on_policy=1e-9, **common)))
+    a, b = weights(tmp_path / "p0" / "ckpt-0000003"), weights(tmp_path / "tiny" / "ckpt-0000003")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["sampled"] for x in open(tmp_path / "tiny" / "metrics.jsonl")] == [0.0] * 3
+
+
+@pytest.mark.parametrize("method", ["fkl", "delta"])
+def test_on_policy_with_every_frozen_model_equal_to_the_student_has_no_kd_term(run_dir, tmp_path, method):
+    # the student's samples, scored by itself: the target is the student's own distribution at every sampled
+    # position, so the KD term vanishes (exactly for fkl: the same logits; Delta-KD's z + a z - a z rounds)
+    s = run_dir / "student"
+    deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "out", method=method, teacher_ft=s, teacher_raw=s,
+                                          on_policy=1, on_policy_max_new_tokens=12, max_steps=2, eval_size=0,
+                                          save_every=1, keep_last=5)))
+    recs = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["sampled"] for r in recs] == [1.0, 1.0] and all(r["sft"] == 0 for r in recs)
+    assert all(r["supervised_tokens"] > 0 and 1 <= r["sampled_length"] <= 12 for r in recs)
+    if method == "fkl":
+        assert all(r["kd"] == 0 and r["loss"] == 0 for r in recs)
+        # a zero gradient: AdamW moves nothing
+        a, b = load_file(s / "model.safetensors"), weights(tmp_path / "out" / "ckpt-0000002")
+        assert all(torch.equal(a[k], b[k]) for k in a if k in b)
+    else:
+        assert all(abs(r["kd"]) < 1e-9 for r in recs)
+
+
+def hf_logits64(path, input_ids, attention_mask):
+    m = transformers.Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float64).eval()
+    with torch.no_grad():
+        return m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_on_policy_step_equals_a_float64_reference_on_its_samples(run_dir, tmp_path):
+    # a step of two micro-batches, one answered by the student and one by the data: the loss is
+    # (lam SFT + (1 - lam) KD over the data's tokens + KD over the sampled ones) / all supervised tokens
+    lam, alpha, tau = 0.3, 0.5, 2.0
+    cfg = deltakd.parse_args(args(run_dir, tmp_path / "out", on_policy=0.5, on_policy_max_new_tokens=6, grad_accum=2,
+                                  lam=lam, alpha=alpha, temperature=tau, eval_size=0))
+    run = deltakd.start(cfg)
+    cache, idx, _ = deltakd.load_data(run)
+    target, student = deltakd.load_target(run, cache), deltakd.build_student(run)
+    step = next(s for s in range(100) if draws(s, 2) == [True, False])
+    micro = deltakd.micro_batches(run, cache, [idx[:2], idx[2:4]])
+    sampled, _ = deltakd.sample_answers(run, student.model, micro, step)  # what train_step samples: same seed, weights
+    rec = deltakd.train_step(run, student, target, micro, step, 10)
+    # the sampled micro-batch: each data prompt, then 1-6 supervised tokens of the student's, ending <|im_end|> or cut
+    im_end = run.tokenizer.token_to_id("<|im_end|>")
+    assert [b.sampled for b in sampled] == [True, False] and sampled[1] is micro[1]
+    for ids, labels, data_ids, data_labels in zip(sampled[0].input_ids, sampled[0].labels, micro[0].input_ids,
+                                                  micro[0].labels):
+        p = data.prompt_ids(data_ids.numpy(), data_labels.numpy())
+        answer = labels[len(p):][labels[len(p):] != -100].tolist()
+        assert ids[:len(p)].tolist() == p and (labels[:len(p)] == -100).all()
+        assert ids[len(p):len(p) + len(answer)].tolist() == answer and 1 <= len(answer) <= 6
+        assert answer[-1] == im_end or len(answer) == 6
+    V, total = 151665, torch.zeros(3, dtype=torch.float64)
+    n = 0
+    for batch in sampled:
+        mask = (batch.labels[:, 1:] != -100)
+        att = (torch.arange(batch.input_ids.shape[1]) < torch.tensor(batch.lengths)[:, None]).long()
+        z = {r: hf_logits64(run_dir / r, batch.input_ids, att)[:, :-1][mask][:, :V]
+             for r in ("student", "teacher_ft", "teacher_raw")}
+        logq = torch.log_softmax(z["student"] / tau, -1)
+        logp = torch.log_softmax((z["teacher_ft"] + alpha * (z["student"] - z["teacher_raw"])) / tau, -1)
+        kd = (logp.exp() * (logp - logq)).sum()
+        sft = -torch.log_softmax(z["student"], -1).gather(1, batch.labels[:, 1:][mask][:, None]).sum()
+        w = 0.0 if batch.sampled else lam
+        total += torch.stack([w * sft + (1 - w) * kd, sft * (not batch.sampled), kd])
+        n += int(mask.sum())
+    assert rec["supervised_tokens"] == n and rec["sampled"] == 0.5
+    for key, want in zip(("loss", "sft", "kd"), (total / n).tolist()):
+        # fp32 sums over a 151,665-token vocabulary: the KD term of near models (3e-3 nats) to ~1e-8 absolute
+        assert math.isclose(rec[key], want, rel_tol=1e-5, abs_tol=1e-7), (key, rec[key], want)
+
+
+def test_on_policy_run_resumes_bit_exactly(run_dir, tmp_path):
+    common = dict(on_policy=0.5, on_policy_max_new_tokens=8, grad_accum=2, max_steps=6, save_every=2, keep_last=10,
+                  eval_size=0, cache_dir=tmp_path / "cache")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    deltakd.train(deltakd.parse_args(args(run_dir, straight, **common)))
+    resumed.mkdir()
+    shutil.copytree(straight / "ckpt-0000002", resumed / "ckpt-0000002")  # as if killed after step 2
+    deltakd.train(deltakd.parse_args(args(run_dir, resumed, resume=True, **common)))
+    a, b = weights(straight / "ckpt-0000006"), weights(resumed / "ckpt-0000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]  # noqa: E731
+    assert [r["loss"] for r in recs(straight)][2:] == [r["loss"] for r in recs(resumed)]
+    assert 0 < statistics.mean(r["sampled"] for r in recs(straight)[2:]) < 1  # sampled and data steps both resumed
+
+
+def test_on_policy_is_part_of_the_run_a_resume_continues(run_dir, tmp_path):
+    out = tmp_path / "out"
+    deltakd.train(deltakd.parse_args(args(run_dir, out, on_policy=0.5, on_policy_max_new_tokens=4, max_steps=1,
+                                          eval_size=0)))
+    one_line_error(cli(run_dir, out, on_policy=1, on_policy_max_new_tokens=4, max_steps=2, eval_size=0, resume=True),
+                   "on_policy (0.5 -> 1.0)", "--resume_allow=on_policy")
+
+
+def test_dry_run_counts_on_policy_sampling(capsys):
+    A = os.path.join(ASSETS, "qwen2.5")
+    argv = [f"--student={A}/Qwen2.5-1.5B", f"--teacher_ft={A}/Qwen2.5-7B-Instruct", f"--teacher_raw={A}/Qwen2.5-7B",
+            "--max_len=2048", "--batch_size=4", "--device=cuda", "--dry_run=true"]
+    off = deltakd.dry_run(deltakd.parse_args(argv))
+    flops_off = float(capsys.readouterr().out.split("optimizer step")[1].split(":")[1].split()[0])
+    on = deltakd.dry_run(deltakd.parse_args(argv + ["--on_policy=1"]))
+    flops_on = float(capsys.readouterr().out.split("optimizer step")[1].split(":")[1].split()[0])
+    s = qwen.QwenConfig.from_json(os.path.join(A, "Qwen2.5-1.5B", "config.json"))
+    assert on[:-1] == off and "KV cache" in on[-1][0]
+    assert on[-1][1] == 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * 4 * 2048 * 4  # fp32 k and v
+    # printed to 4 digits
+    assert math.isclose(flops_on - flops_off, 4 * 2048 * qwen.flops_per_token(s, 2048, train=False), rel_tol=1e-2)
 
 
 def load_pretrain_script():
