@@ -8,6 +8,7 @@ what a stored top-K target costs in accuracy.
     python bench.py topk --demo_out=out               # topk reads a demo run's directory (`python deltakd.py`)
     python bench.py data --data_rows=20000            # the data bench on a smaller file (default 200,000 rows)
     python bench.py --gpu                             # the GPU measurements (needs CUDA)
+    python bench.py onpolicy                          # with trl installed (the .[bench] extra) also vs TRL's GKD
 
 - forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
 - generate: greedy, batch 8, 128 new tokens, left-padded prompts of different lengths, vs HF generate.
@@ -19,6 +20,10 @@ what a stored top-K target costs in accuracy.
             micro_batches): Delta-KD with the frozen models live and with stored top-64 targets, each vs
             the SFT step of the same student and batch; and the target pass that stores them.
 - compile:  the same train_step with --compile=true vs eager.
+- onpolicy: deltakd.train_step with --on_policy=1 (the student samples every answer, 64 tokens) vs the off-policy
+            step on exactly those sequences, fkl and delta, split into sampling, frozen forwards and the
+            student's step; and the fkl step vs TRL's GKDTrainer (lmbda=1, beta=0) on the same models and
+            prompts (pip install -e '.[bench]'; without trl that row alone is skipped).
 - data:     the token cache (deltakd.load_data) vs the in-memory path, time and peak memory, each in its own process;
             the checksum's speed and what checking the cache and the target shards costs.
 - topk:     how far a stored top-K target (the target pass's own store) is from the exact one, on the
@@ -59,8 +64,9 @@ ULTRACHAT = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl
 
 USAGE = """python bench.py [NAME ...] [--out=FILE] [--demo_out=DIR] [--data_rows=N]
        python bench.py --gpu [--out=FILE]
-NAME: forward generate loss liger rouge step compile data topk (default: all of them); topk reads the
-demo run in DIR (default out/, made by `python deltakd.py`) and is skipped without one"""
+NAME: forward generate loss liger rouge step compile onpolicy data topk (default: all of them); topk reads
+the demo run in DIR (default out/, made by `python deltakd.py`) and is skipped without one; onpolicy's row
+against TRL needs trl (pip install -e '.[bench]')"""
 
 Row = collections.namedtuple("Row", "what peer setting result")
 
@@ -535,6 +541,184 @@ def bench_compile(batch=4, max_len=256, repeats=3):
                 f"first step {first['compiled'][0]:.1f} s compiled (compilation, cold cache) vs {first['eager'][0]:.1f} s; steady "
                 f"{t['compiled']:.2f} vs {t['eager']:.2f} s: **{t['eager'] / t['compiled']:.2f}x** the speed")]
 
+
+def sampled_prompts(micro):
+    # the prompt ids sample_answers answers: each example up to its first supervised token
+    return [data.prompt_ids(ids, labels) for m in micro for ids, labels in zip(m.input_ids.numpy(), m.labels.numpy())]
+
+
+class VocabSlicedTeacher(torch.nn.Module):
+    """A transformers teacher whose logits (and reported config.vocab_size) are cut to the student's rows:
+    TRL's GKDTrainer raises on a vocab_size mismatch (student 151,936, teacher 152,064 rows); the full
+    lm_head is still computed."""
+
+    def __init__(self, model, vocab):
+        super().__init__()
+        import copy
+        self.model, self.vocab = model, vocab
+        self.config = copy.deepcopy(model.config)
+        self.config.vocab_size = vocab
+
+    def forward(self, input_ids=None, attention_mask=None, **kw):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        out.logits = out.logits[..., :self.vocab]
+        return out
+
+
+def trl_gkd_step(root, run, prompts, new):
+    """TRL's GKDTrainer (lmbda = 1: always on-policy, beta = 0: forward KL(teacher || student)) on the step
+    bench's student and teacher_ft as saved in root, loaded by transformers in float32, over these prompt
+    ids (left-padded, as its collator pads them), sampling `new` tokens at temperature 1, top_k 0, top_p 1.
+    Returns (step, generation seconds of each call, generated length of each call, what it is): step() is
+    trainer.training_step + optimizer.step + lr_scheduler.step + zero_grad. Raises Skipped without trl."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # its experimental-import warning
+    try:
+        from importlib.metadata import version
+
+        import transformers
+        from datasets import Dataset
+        from trl.experimental.gkd import GKDConfig, GKDTrainer  # trl 1.16.0's path
+    except ImportError:
+        raise Skipped("TRL is not installed; `pip install -e '.[bench]'` (trl==1.16.0) and rerun "
+                      "`python bench.py onpolicy` for the row against TRL's GKDTrainer") from None
+    tok_dir = os.path.join(root, "hf-tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    data.write_tokenizer_files(tok_dir, TOKENIZER, run.cfg.system_prompt)  # renders exactly deltakd's chat
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tok.padding_side = "left"
+    convs = [data.to_messages(json.loads(line)) for line in open(run.cfg.train_data)]
+    firsts = [c[:2] for c in convs]  # the first user turn and its answer: the prompt TRL's collator would build
+    templated = [tok(tok.apply_chat_template(c[:1], add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"] for c in firsts]
+    if sorted(templated) != sorted(prompts):
+        raise RuntimeError("TRL's chat-templated prompts differ from the ones deltakd samples from")
+    stops = [run.tokenizer.token_to_id("<|im_end|>"), run.pad_id]
+    student = transformers.Qwen2ForCausalLM.from_pretrained(run.cfg.student, dtype=torch.float32)
+    # deltakd's stops, no Instruct generation_config (whose repetition_penalty 1.1 would change the sampling)
+    student.generation_config = transformers.GenerationConfig(eos_token_id=stops, pad_token_id=run.pad_id)
+    teacher = transformers.Qwen2ForCausalLM.from_pretrained(run.cfg.teacher_ft, dtype=torch.float32)
+    teacher = VocabSlicedTeacher(teacher, student.config.vocab_size)
+    args = GKDConfig(output_dir=os.path.join(root, "trl-out"), lmbda=1.0, beta=0.0, temperature=1.0,
+                     max_new_tokens=new, seq_kd=False, per_device_train_batch_size=len(prompts),
+                     gradient_accumulation_steps=1, use_cpu=True, bf16=False, fp16=False,
+                     gradient_checkpointing=False,  # TRL's default True turns the KV cache off in generation
+                     report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=run.cfg.seed)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list([{"messages": c} for c in firsts]))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's train loop otherwise
+    model, opt, sched = trainer.model, trainer.optimizer, trainer.lr_scheduler
+    model.train()
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), run.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, data.IGNORE_INDEX),
+              "prompts": ids, "prompt_attention_mask": mask}
+    gen_seconds, gen_lengths, generate = [], [], trainer.generate_on_policy_outputs
+
+    def timed_generate(model, inputs, generation_config):  # shadows the staticmethod on this trainer
+        t = time.perf_counter()
+        out = generate(model, inputs, generation_config)
+        gen_seconds.append(time.perf_counter() - t)
+        gen_lengths.append(out[1][:, inputs["prompts"].shape[1]:].sum(1).float().mean().item())
+        return out
+    trainer.generate_on_policy_outputs = timed_generate
+
+    def step():
+        trainer.training_step(model, dict(inputs))  # it replaces input_ids, attention_mask, labels by the samples
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    what = (f"TRL {version('trl')} `GKDTrainer(lmbda=1, beta=0)` (transformers {version('transformers')}): "
+            f"`training_step` + `optimizer.step` ({getattr(args.optim, 'value', args.optim)}) + `lr_scheduler.step` + `zero_grad`")
+    return step, gen_seconds, gen_lengths, what
+
+
+def bench_onpolicy(batch=4, new=64, repeats=5):
+    """deltakd.train_step with --on_policy=1 (every micro-batch answered by the student's own samples) vs the
+    off-policy step of the same run on exactly those sequences (the micro-batches sample_answers returned,
+    fed with sampled=False to the run with on_policy=0, same frozen models), for fkl (one frozen teacher)
+    and delta (three); the on-policy step split into sampling (sample_answers alone), the frozen forwards
+    (Target.of over the sampled input_ids) and the rest (the student's step); and the fkl step vs TRL's
+    GKDTrainer (lmbda=1, beta=0) on the same models, prompts and sampled length. Random weights essentially
+    never sample <|im_end|>, so every answer is `new` tokens (the mean is measured and reported)."""
+    root = tempfile.mkdtemp(prefix="bench-onpolicy-")
+    rows, skipped = [], None
+    try:
+        models = step_models()
+        max_len = new + 128  # every prompt (a first user turn of <= 48 tokens, templated) + new: nothing is cut
+        flags = step_files(root, models, batch, max_len)
+        for method in ("fkl", "delta"):
+            kd = [f"--method={method}", "--teacher_dtype=float32"] + (["--alpha=1"] if method == "delta" else [])
+            on = step_run(root, f"{method}-on", flags + kd + ["--on_policy=1", f"--on_policy_max_new_tokens={new}"])
+            off = step_run(root, f"{method}-off", flags + kd, target=on.target)
+            run, dev = on.run, on.run.device
+            prompts = sampled_prompts(on.micro)
+            if max(map(len, prompts)) + new > max_len:
+                raise RuntimeError(f"prompts of up to {max(map(len, prompts))} tokens + {new} exceed max_len {max_len}")
+            sampled, _ = deltakd.sample_answers(run, on.student.model, on.micro, 0)
+            off = off._replace(micro=[m._replace(sampled=False) for m in sampled])  # the same sequences, as data
+
+            def frozen():
+                return [on.target.of(m.input_ids.to(dev), m.examples, run.cfg.autocast) for m in sampled]
+            recs = []
+            fns = {"on": lambda: recs.append(on.step()), "off": off.step,
+                   "sampling": lambda: deltakd.sample_answers(run, on.student.model, on.micro, 0), "frozen": frozen}
+            peer = None
+            if method == "fkl":
+                try:
+                    fns["trl"], gen_s, gen_len, peer = trl_gkd_step(root, run, prompts, new)
+                except Skipped as e:
+                    skipped = e
+            t = timeit(fns, repeats=repeats)
+            n_frozen = len(on.target.frozen)
+            T = sampled[0].input_ids.shape[1]
+            length = statistics.mean(r["sampled_length"] for r in recs)
+            student_s = t["on"] - t["sampling"] - t["frozen"]
+            s, f = models["student"].config, models["teacher_ft"].config
+            setting = (f"`deltakd.train_step`, `--method={method}`: student {s.hidden_size} × {s.num_hidden_layers} "
+                       f"(vocab {s.vocab_size:,}), {n_frozen} frozen model{'s' * (n_frozen > 1)} live "
+                       f"({'teacher_ft' if n_frozen == 1 else 'teacher_ft, teacher_raw 512 × 4 and the raw student'}; "
+                       f"teachers {f.hidden_size} × {f.num_hidden_layers}, vocab {f.vocab_size:,}), fp32, CPU; {batch} "
+                       f"prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+                       f"`--on_policy_max_new_tokens={new}` at temperature 1, top_p 1 (mean sampled length "
+                       f"{length:.1f}), batch {batch} × {T}; median of {repeats} interleaved steps")
+            rows.append(Row(f"on-policy step (p = 1), {method}, vs off-policy step on the same sequences",
+                            "the off-policy step (`--on_policy=0`, λ = 0.5) of the same run on the sequences "
+                            "`sample_answers` returned, fed as data (`sampled=False`)", setting,
+                            f"{t['on']:.2f} vs {t['off']:.2f} s: **{t['on'] / t['off']:.2f}x** the time"))
+            rows.append(Row(f"on-policy step (p = 1), {method}, split", "—", setting + "; each part timed alone, "
+                            "interleaved with the steps: `sample_answers`, `Target.of` over the sampled input_ids (the "
+                            "frozen models' hidden states; their lm_head projections run inside the chunked loss, so "
+                            "in the student's step), the student's step = the rest",
+                            f"sampling {t['sampling']:.2f} s, frozen forwards {t['frozen']:.2f} s, student's step "
+                            f"{student_s:.2f} s (of {t['on']:.2f} s)"))
+            if "trl" in fns:
+                g = statistics.median(gen_s[-repeats:])
+                rows.append(Row("on-policy step, fkl, vs TRL GKDTrainer lmbda=1 beta=0", peer,
+                                f"the same student and teacher_ft (`save_pretrained`, loaded by transformers "
+                                f"`Qwen2ForCausalLM`, fp32), the same {batch} chat-templated prompt ids (left-padded "
+                                f"for TRL), {new} new tokens at temperature 1, top_k 0, top_p 1 (mean sampled "
+                                f"length {length:.1f} vs {statistics.mean(gen_len):.1f}); deltakd slices both "
+                                f"distributions to the tokenizer's {run.spec.vocab:,} tokens, TRL's teacher is wrapped "
+                                f"to cut its logits to the student's {s.vocab_size:,} rows (TRL refuses unequal "
+                                "vocab sizes) and its loss takes full (B, T, V) logits; deltakd's step includes its "
+                                f"grad clipping; median of {repeats} interleaved steps",
+                                f"{t['on']:.2f} vs {t['trl']:.2f} s: **{t['on'] / t['trl']:.2f}x** the time; "
+                                f"sampling {t['sampling']:.2f} s + the rest {t['on'] - t['sampling']:.2f} s vs "
+                                f"generation {g:.2f} s + the rest {t['trl'] - g:.2f} s"))
+            on = off = sampled = fns = None  # the method's runs and frozen models, freed before the next
+            gc.collect()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"onpolicy: peak RSS of the process {vm_hwm() / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    if skipped:
+        print(f"onpolicy: the TRL row skipped: {skipped}", file=sys.stderr, flush=True)
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # the data path
 
@@ -965,8 +1149,8 @@ def gpu_generate_row(dev, name, batch=16, new=256):
 
 BENCHES = {"forward": lambda a: bench_forward(), "generate": lambda a: bench_generate(), "loss": lambda a: bench_loss(),
            "liger": lambda a: bench_liger(), "rouge": lambda a: bench_rouge(), "step": lambda a: bench_step(),
-           "compile": lambda a: bench_compile(), "data": lambda a: bench_data(a.data_rows),
-           "topk": lambda a: bench_topk(a.demo_out)}
+           "compile": lambda a: bench_compile(), "onpolicy": lambda a: bench_onpolicy(),
+           "data": lambda a: bench_data(a.data_rows), "topk": lambda a: bench_topk(a.demo_out)}
 
 
 def machine_line(argv):

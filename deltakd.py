@@ -1310,9 +1310,10 @@ def sample_answers(run, model, micro, step):
         # a plain-text row (every token supervised) has no prompt: its first token is the prompt
         prompts = [data.prompt_ids(ids, labels) or ids[:1].tolist() for ids, labels in
                    zip(batch.input_ids.numpy(), batch.labels.numpy())]
+        sampling = qwen.Sampling(temperature=cfg.on_policy_temperature, seed=seed)
         with autocast(run.device, cfg.autocast):
             answers = model.generate(prompts, min(cfg.on_policy_max_new_tokens, cfg.max_len - min(map(len, prompts))),
-                                     stops, qwen.Sampling(cfg.on_policy_temperature, seed=seed), run.spec.vocab)
+                                     stops, sampling, run.spec.vocab)
         answers = [a[:cfg.max_len - len(p)] for p, a in zip(prompts, answers)]  # at most max_len in all
         examples = [(p + a, [data.IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers)]
         input_ids, labels, _ = data.collate(examples, run.pad_id, 64 if cfg.compile else 1)
@@ -1432,8 +1433,10 @@ class Log:
         if not self.run.cfg.quiet:
             eta = (time.time() - self.t_start) / step * (total - step)
             mfu = f"mfu {rec['mfu']:.1%}" if self.peak else f"{rec['tflops_per_device']:.2f} TFLOP/s/device"
-            sampled = (f"sampled {rec['sampled']:.0%} (mean {rec['sampled_length']:.0f} tokens, "
-                       f"{rec['sampled_tokens_per_s']:.0f} tok/s) | ") if "sampled" in rec else ""
+            sampled = ""
+            if "sampled" in rec:  # --on_policy: the share of sampled micro-batches, and the samples when there are any
+                samples = f" (mean {rec['sampled_length']:.0f} tokens, {rec['sampled_tokens_per_s']:.0f} tok/s)"
+                sampled = f"sampled {rec['sampled']:.0%}{samples if rec['sampled'] else ''} | "
             print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
                   f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {sampled}{rec['tokens_per_s']:.0f} tok/s | "
                   f"{mfu} | eta {eta:.0f}s")
