@@ -618,9 +618,9 @@ def trl_gkd_step(root, run, prompts, new):
               "prompts": ids, "prompt_attention_mask": mask}
     gen_seconds, gen_lengths, generate = [], [], trainer.generate_on_policy_outputs
 
-    def timed_generate(model, inputs, generation_config):  # shadows the staticmethod on this trainer
+    def timed_generate(model, inputs, *rest):  # shadows the staticmethod on this trainer, whatever it is passed
         t = time.perf_counter()
-        out = generate(model, inputs, generation_config)
+        out = generate(model, inputs, *rest)
         gen_seconds.append(time.perf_counter() - t)
         gen_lengths.append(out[1][:, inputs["prompts"].shape[1]:].sum(1).float().mean().item())
         return out

@@ -569,6 +569,16 @@ class Run:
     def pad_id(self):
         return self.tokenizer.token_to_id("<|endoftext|>")
 
+    @property
+    def stop_ids(self):
+        # where generation stops: the end of a chat turn, or of a text (where a raw model may end)
+        return [self.tokenizer.token_to_id("<|im_end|>"), self.pad_id]
+
+    @property
+    def length_multiple(self):
+        # a compiled model gets training lengths padded to a multiple of 64, so it sees few shapes
+        return 64 if self.cfg.compile else 1
+
 
 def start(cfg):
     """Distributed set-up, every input checked before a weight is read, the seeds; the config printed once."""
@@ -835,14 +845,13 @@ def generate_all(run, model, prompts, max_new_tokens, temperature=0.0, seed=0):
     at temperature 0, else sampled (top_p 1) with batch b of this rank seeded by (seed, b): the same
     answers for the same seed, batch size and world size."""
     tok, batch = run.tokenizer, run.cfg.eval_batch_size
-    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
     mine = sorted(range(run.rank, len(prompts), run.world), key=lambda i: len(prompts[i]))  # less padding
     out, was_training = {}, model.training
     model.eval()
     for s in range(0, len(mine), batch):
         idx = mine[s:s + batch]
         with autocast(model.lm_head.weight.device):
-            gen = model.generate([prompts[i] for i in idx], max_new_tokens, eos,
+            gen = model.generate([prompts[i] for i in idx], max_new_tokens, run.stop_ids,
                                  qwen.Sampling(temperature=temperature, seed=seed * 1_000_003 + s),
                                  vocab_limit=tok.get_vocab_size())
         for i, ids in zip(idx, gen):
@@ -963,12 +972,12 @@ def autocast(device, mode="auto"):
 
 
 # what a resumed run shares with the run it continues: a change is refused, naming each key, unless
-# --resume_allow names it too. Model paths count (a moved model: allow its key); so do the data's bytes
+# --resume_allow names it too. Model paths count (a moved model: allow its key); so do the data's bytes.
+# The on-policy keys are recorded only when on_policy > 0, so a run from before them is the same run
+ON_POLICY_KEYS = ("on_policy", "on_policy_temperature", "on_policy_max_new_tokens")
 RUN_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "max_rows", "eval_data",
             "eval_size", "max_len", "system_prompt", "skip_bad_rows", "method", "divergence", "lam", "alpha",
-            "temperature", "teacher_dtype", "autocast", "batch_size", "seed", "on_policy", "on_policy_temperature",
-            "on_policy_max_new_tokens")
-ON_POLICY_KEYS = RUN_KEYS[-3:]  # recorded only when on_policy > 0: a run from before them is the same run
+            "temperature", "teacher_dtype", "autocast", "batch_size", "seed") + ON_POLICY_KEYS
 RUN_FACTS = ("micro_batches_per_step", "stored_targets", "train_data_content")  # the rest of run_identity
 # the schedule may change on resume (e.g. a finished run continued to a larger max_steps); the run says so
 SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
@@ -1278,8 +1287,8 @@ class MicroBatch(NamedTuple):
 
 
 def micro_batches(run, cache, examples):
-    # collated on CPU; a compiled model gets lengths padded to a multiple of 64, so it sees few shapes
-    return [MicroBatch(*data.collate([cache.example(i) for i in ex], run.pad_id, 64 if run.cfg.compile else 1)[:2],
+    # collated on CPU
+    return [MicroBatch(*data.collate([cache.example(i) for i in ex], run.pad_id, run.length_multiple)[:2],
                        ex, cache.lengths[ex]) for ex in examples]
 
 
@@ -1295,10 +1304,10 @@ def sample_answers(run, model, micro, step):
     """The step's micro-batches with those drawn (on_policy_draw) answered by the student itself: for each
     prompt (the conversation up to its first supervised token, as SeqKD's), one sample at
     --on_policy_temperature, in eval mode with the KV cache and no gradient, up to <|im_end|> (then
-    supervised, as in the data) or the length limit; every sampled token is supervised, so no sample is
-    empty. Returns them and the figures [sampled micro-batches, sampled tokens, samples, seconds]."""
+    supervised, as in the data) or the length limit. Each sample has at least one token (generate's first;
+    the prompt leaves room for it within max_len), so a sampled micro-batch always has supervised tokens.
+    Returns them and the figures [sampled micro-batches, sampled tokens, samples, seconds]."""
     cfg = run.cfg
-    stops = [run.tokenizer.token_to_id("<|im_end|>"), run.pad_id]  # a raw model may end with <|endoftext|>
     out, figures, was_training = [], np.zeros(4), model.training
     model.eval()
     for j, batch in enumerate(micro):
@@ -1313,22 +1322,22 @@ def sample_answers(run, model, micro, step):
         sampling = qwen.Sampling(temperature=cfg.on_policy_temperature, seed=seed)
         with autocast(run.device, cfg.autocast):
             answers = model.generate(prompts, min(cfg.on_policy_max_new_tokens, cfg.max_len - min(map(len, prompts))),
-                                     stops, sampling, run.spec.vocab)
+                                     run.stop_ids, sampling, run.spec.vocab)
         answers = [a[:cfg.max_len - len(p)] for p, a in zip(prompts, answers)]  # at most max_len in all
         examples = [(p + a, [data.IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers)]
-        input_ids, labels, _ = data.collate(examples, run.pad_id, 64 if cfg.compile else 1)
+        input_ids, labels, _ = data.collate(examples, run.pad_id, run.length_multiple)
         out.append(MicroBatch(input_ids, labels, batch.examples, np.array([len(e) for e, _ in examples]), True))
         figures += [1, sum(map(len, answers)), len(answers), time.time() - t0]
     model.train(was_training)
     return out, figures
 
 
-def sampling_record(run, figures, micro):
-    # the step's on-policy figures, all ranks together (the sampling time: the ranks' mean)
-    batches, tokens, samples, seconds, n_micro = all_reduce(torch.tensor([*figures, len(micro)], dtype=torch.float64,
-                                                                         device=run.device)).tolist()
+def sampling_record(run, sample_figures, micro):
+    # the step's on-policy figures, all ranks together; tokens per second per device while sampling
+    batches, tokens, samples, seconds, n_micro = all_reduce(torch.tensor([*sample_figures, len(micro)],
+                                                                         dtype=torch.float64, device=run.device)).tolist()
     return {"sampled": batches / n_micro, "sampled_length": tokens / max(samples, 1),
-            "sampled_tokens_per_s": tokens / max(seconds / run.world, 1e-9)}
+            "sampled_tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
 def lr_at(step, cfg, total):
@@ -1344,9 +1353,10 @@ def train_step(run, student, target, micro, step, total):
     token, the grad norm, the lr, and the token counts and model FLOPs of all ranks. With --on_policy the
     drawn micro-batches are first answered by the student (sample_answers); on those the loss is the KD term
     alone at full weight (lam = 0: the student's own tokens are no labels), so every supervised token of the
-    step weighs the same, and at on_policy = 1 the loss is KL(pi* || pi_theta) on the student's samples."""
+    step weighs the same, and at on_policy = 1 the loss is the KD term alone, on the student's samples (GKD's).
+    The logged sft sums the data's tokens only (still divided by all the step's supervised tokens)."""
     cfg, device = run.cfg, run.device
-    micro, sampling = sample_answers(run, student.model, micro, step) if cfg.on_policy else (micro, None)
+    micro, sample_figures = sample_answers(run, student.model, micro, step) if cfg.on_policy else (micro, None)
     # normalise by the supervised tokens of the whole step, all micro-batches and ranks together
     n_tokens = all_reduce(torch.tensor(sum(int(supervised_mask(b.labels).sum()) for b in micro),
                                        dtype=torch.float64, device=device)).item()
@@ -1380,7 +1390,7 @@ def train_step(run, student, target, micro, step, total):
                                           dtype=torch.float64, device=device)).tolist()
     return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
             "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens,
-            **(sampling_record(run, sampling, micro) if sampling is not None else {})}
+            **(sampling_record(run, sample_figures, micro) if sample_figures is not None else {})}
 
 
 def step_flops(micro, student, target):
@@ -1575,9 +1585,11 @@ def memory_plan(cfg, configs, world):
     rows.append((f"activations {cfg.batch_size} x {cfg.max_len}, {'bf16' if act == 2 else 'fp32'}, "
                  f"checkpointing={'on' if cfg.grad_checkpointing else 'off'}",
                  qwen.activation_bytes(s, tokens, act, cfg.grad_checkpointing)))
-    if cfg.on_policy:  # held while the student samples, before the step's forward; the frozen models stay loaded
-        rows.append((f"on-policy sampling: the student's KV cache, {cfg.batch_size} x {cfg.max_len}, fp32 (its "
-                     "weights' dtype)", qwen.kv_cache_bytes(s, tokens, 4)))
+    if cfg.on_policy:  # the longest prompt + the longest sample; held while the student samples, before the
+        # step's forward (counted as if at the peak: a bound), while the frozen models stay loaded
+        L = cfg.max_len + min(cfg.on_policy_max_new_tokens, cfg.max_len)
+        rows.append((f"on-policy sampling: the student's KV cache, {cfg.batch_size} x {L} at most, fp32 (its "
+                     "weights' dtype)", qwen.kv_cache_bytes(s, cfg.batch_size * L, 4)))
     return rows
 
 
@@ -1698,9 +1710,9 @@ def demo_seed(cfg, seed, results):
     alphas, topk = (DEMO.full_alphas, DEMO.full_topk) if cfg.full_comparison else ((cfg.alpha,), 0)
     students = [(m, {"method": m}) for m in ("sft", "fkl", "rkl", "seqkd")]
     students += [(f"delta-a{a:g}", {"method": "delta", "alpha": a}) for a in alphas]
-    if cfg.on_policy:  # `python deltakd.py --on_policy=P`: on-policy Delta-KD beside the off-policy one
-        students.append((f"delta-a{cfg.alpha:g}-onpolicy{cfg.on_policy:g}", {"method": "delta", "alpha": cfg.alpha,
-                                                                            "on_policy": cfg.on_policy}))
+    if cfg.on_policy:  # `python deltakd.py --on_policy=P`: on-policy forward KL and Delta-KD beside the off-policy ones
+        students += [(f"{name}-onpolicy{cfg.on_policy:g}", {"method": m, "alpha": cfg.alpha, "on_policy": cfg.on_policy})
+                     for name, m in (("fkl", "fkl"), (f"delta-a{cfg.alpha:g}", "delta"))]
     if topk:
         students.append((f"delta-a{cfg.alpha:g}-top{topk}", {"method": "delta", "alpha": cfg.alpha, "topk": topk,
                          "targets_dtype": "float32", "targets_dir": os.path.join(root, "targets")}))
@@ -1748,6 +1760,16 @@ def trivial_baselines(train_rows, eval_rows):
     return {"most frequent answer": [common] * len(eval_rows), "nearest training answer": nearest}
 
 
+def demo_label(name):
+    # a stage's row label: "student-delta-a0.5-top16" -> "Delta-KD (α=0.5, stored top-16)", "-onpolicy1" -> "on-policy p=1"
+    name, on_policy, p = name.partition("-onpolicy")
+    if name.startswith("student-delta-"):
+        label = "Delta-KD (" + name.removeprefix("student-delta-").replace("a", "α=", 1).replace("-top", ", stored top-")
+        return label + (f", on-policy p={p}" if on_policy else "") + ")"
+    label = DEMO_NAMES.get(name) or name[:1].upper() + name[1:]  # a baseline's name is its label
+    return label + (f" (on-policy p={p})" if on_policy else "")
+
+
 def demo_table(results):
     # mean (± std over seeds where there are several) of every figure, one row per stage
     cols = [("ROUGE-1", "rouge1", "{:.4f}"), ("ROUGE-2", "rouge2", "{:.4f}"), ("ROUGE-L", "rougeL", "{:.4f}"),
@@ -1757,9 +1779,6 @@ def demo_table(results):
             ("sound", "sound", "{:.0%}"), ("words", "words", "{:.1f}")]
     lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, by_seed in results.items():
-        label = DEMO_NAMES.get(name) or (name[:1].upper() + name[1:] if name.startswith("baseline")
-                                         else "Delta-KD (" + name.removeprefix("student-delta-").replace("a", "α=", 1)
-                                         .replace("-top", ", stored top-").replace("-onpolicy", ", on-policy p=") + ")")
         cells = []
         for _, key, fmt in cols:
             vals = [s[key] for s in by_seed.values() if key in s]
@@ -1767,7 +1786,7 @@ def demo_table(results):
             if len(vals) > 1:
                 cell += " ± " + re.sub(r"^0(?=\.)", "", fmt.format(statistics.stdev(vals)))  # 0.0123 -> .0123
             cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {demo_label(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------

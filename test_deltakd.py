@@ -2006,6 +2006,40 @@ def test_on_policy_with_every_frozen_model_equal_to_the_student_has_no_kd_term(r
         assert all(abs(r["kd"]) < 1e-9 for r in recs)
 
 
+def test_on_policy_answers_are_the_students_own_samples_within_max_len(run_dir, tmp_path):
+    cfg = deltakd.parse_args(args(run_dir, tmp_path / "out", on_policy=1, on_policy_temperature=0,
+                                  on_policy_max_new_tokens=10, eval_size=0))
+    run = deltakd.start(cfg)
+    cache, idx, _ = deltakd.load_data(run)
+    student = deltakd.build_student(run).model
+    micro = deltakd.micro_batches(run, cache, [idx[:2], idx[2:4]])
+    prompts = [data.prompt_ids(ids, labels) for b in micro for ids, labels in zip(b.input_ids.numpy(), b.labels.numpy())]
+
+    def answers(batches):
+        return [labels[len(p):][labels[len(p):] != -100].tolist()
+                for p, labels in zip(prompts, (lab for b in batches for lab in b.labels))]
+    # greedy: each answer is transformers' greedy continuation of the data's prompt by the student (real tokens only)
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(run_dir / "student"), dtype=torch.float32).eval()
+    for p, got in zip(prompts, answers(deltakd.sample_answers(run, student, micro, 0)[0])):
+        want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                           max_new_tokens=10, eos_token_id=run.stop_ids, pad_token_id=run.pad_id,
+                           suppress_tokens=list(range(run.spec.vocab, 151936)))[0, len(p):].tolist()
+        assert got == qwen.cut_after_eos([want], set(run.stop_ids))[0]
+    # at temperature 1 the same step draws the same samples, another step others
+    sampled = replace(run, cfg=replace(cfg, on_policy_temperature=1.0))
+    again = [answers(deltakd.sample_answers(sampled, student, micro, s)[0]) for s in (0, 0, 1)]
+    assert again[0] == again[1] != again[2]
+    # a prompt that nearly fills max_len still gets a token, and no sequence passes max_len
+    tight = replace(run, cfg=replace(cfg, max_len=max(map(len, prompts)) + 2))
+    out = deltakd.sample_answers(tight, student, micro, 0)[0]
+    assert all(1 <= len(a) <= 10 for a in answers(out)) and all(max(b.lengths) <= tight.cfg.max_len for b in out)
+    assert min(map(len, answers(out))) <= 2
+    # a plain-text row (every token supervised) is continued from its first token
+    ids = torch.tensor([[9707, 11, 1879, 0, 5]])
+    plain = deltakd.sample_answers(run, student, [deltakd.MicroBatch(ids, ids.clone(), np.arange(1), np.array([5]))], 0)[0]
+    assert plain[0].input_ids[0, 0] == 9707 and plain[0].labels[0, 0] == -100 and (plain[0].labels[0, 1:] != -100).any()
+
+
 def hf_logits64(path, input_ids, attention_mask):
     m = transformers.Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float64).eval()
     with torch.no_grad():
@@ -2088,7 +2122,8 @@ def test_dry_run_counts_on_policy_sampling(capsys):
     flops_on = float(capsys.readouterr().out.split("optimizer step")[1].split(":")[1].split()[0])
     s = qwen.QwenConfig.from_json(os.path.join(A, "Qwen2.5-1.5B", "config.json"))
     assert on[:-1] == off and "KV cache" in on[-1][0]
-    assert on[-1][1] == 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * 4 * 2048 * 4  # fp32 k and v
+    # fp32 k and v of 4 rows, each at most the longest prompt (< max_len) + the longest sample (256 by default)
+    assert on[-1][1] == 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * 4 * (2048 + 256) * 4
     # printed to 4 digits
     assert math.isclose(flops_on - flops_off, 4 * 2048 * qwen.flops_per_token(s, 2048, train=False), rel_tol=1e-2)
 
@@ -2155,19 +2190,24 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
             assert a == b and a
 
 
-def test_the_full_comparison_runs_every_seed_alpha_and_stored_targets(tmp_path, monkeypatch):
+def test_the_full_comparison_runs_every_seed_alpha_stored_targets_and_on_policy(tmp_path, monkeypatch):
     shrink_demo(monkeypatch, tmp_path / "raw", seeds=(1337, 1338), eval_size=4, eval_seeds=1,
                 distill=dict(max_steps=1, lr=1e-3, batch_size=4), full_seeds=2, full_alphas=(0.0, 1.0), full_topk=4)
-    deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true"]))
+    deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true", "--on_policy=1"]))
     saved = json.load(open(tmp_path / "results.json"))
     runs = {k for k in saved if not k.startswith("baseline") and k != "references"}
     assert runs == {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl",
-                    "student-seqkd", "student-delta-a0", "student-delta-a1", "student-delta-a1-top4"}
+                    "student-seqkd", "student-delta-a0", "student-delta-a1", "student-delta-a1-top4",
+                    "student-fkl-onpolicy1", "student-delta-a1-onpolicy1"}  # --on_policy: those two on-policy too
+    sampled = [json.loads(x).get("sampled") for x in open(tmp_path / "seed1338" / "student-fkl-onpolicy1" / "metrics.jsonl")]
+    assert sampled[0] == 1.0 and '"sampled":' not in open(tmp_path / "seed1338" / "student-fkl" / "metrics.jsonl").read()
     assert all(set(saved[k]) == {"1337", "1338"} for k in runs)  # every seed's figures
     assert os.path.isfile(tmp_path / "seed1338" / "targets" / "key.json")  # the stored top-k run's target pass
     # Delta-KD at alpha 0 is forward KL: the same figures, to the last digit, on every seed
     assert saved["student-delta-a0"] == saved["student-fkl"]
-    assert open(tmp_path / "results.md").read() == deltakd.demo_table(saved) + "\n"
+    table = open(tmp_path / "results.md").read()
+    assert table == deltakd.demo_table(saved) + "\n"
+    assert "| Forward KL (on-policy p=1) |" in table and "| Delta-KD (α=1, on-policy p=1) |" in table
 
 
 def test_the_bundled_raw_models_are_used_as_they_are(tmp_path):
