@@ -542,11 +542,6 @@ def bench_compile(batch=4, max_len=256, repeats=3):
                 f"{t['compiled']:.2f} vs {t['eager']:.2f} s: **{t['eager'] / t['compiled']:.2f}x** the speed")]
 
 
-def sampled_prompts(micro):
-    # the prompt ids sample_answers answers: each example up to its first supervised token
-    return [data.prompt_ids(ids, labels) for m in micro for ids, labels in zip(m.input_ids.numpy(), m.labels.numpy())]
-
-
 class VocabSlicedTeacher(torch.nn.Module):
     """A transformers teacher whose logits (and reported config.vocab_size) are cut to the student's rows:
     TRL's GKDTrainer raises on a vocab_size mismatch (student 151,936, teacher 152,064 rows); the full
@@ -655,7 +650,7 @@ def bench_onpolicy(batch=4, new=64, repeats=5):
             on = step_run(root, f"{method}-on", flags + kd + ["--on_policy=1", f"--on_policy_max_new_tokens={new}"])
             off = step_run(root, f"{method}-off", flags + kd, target=on.target)
             run, dev = on.run, on.run.device
-            prompts = sampled_prompts(on.micro)
+            prompts = [p for m in on.micro for p in deltakd.answer_prompts(m)]
             if max(map(len, prompts)) + new > max_len:
                 raise RuntimeError(f"prompts of up to {max(map(len, prompts))} tokens + {new} exceed max_len {max_len}")
             sampled, _ = deltakd.sample_answers(run, on.student.model, on.micro, 0)

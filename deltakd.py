@@ -1300,10 +1300,16 @@ def on_policy_draw(seed, step, position):
     return rng.random(), int(rng.integers(2**62))
 
 
+def answer_prompts(batch):
+    """What the student answers for each example of a micro-batch: the conversation up to its first supervised
+    token (data.prompt_ids); a plain-text row (every token supervised) has none, so its first token."""
+    return [data.prompt_ids(ids, labels) or ids[:1].tolist()
+            for ids, labels in zip(batch.input_ids.numpy(), batch.labels.numpy())]
+
+
 def sample_answers(run, model, micro, step):
     """The step's micro-batches with those drawn (on_policy_draw) answered by the student itself: for each
-    prompt (the conversation up to its first supervised token, as SeqKD's), one sample at
-    --on_policy_temperature, in eval mode with the KV cache and no gradient, up to <|im_end|> (then
+    prompt (answer_prompts, as SeqKD's), one sample at --on_policy_temperature, in eval mode with the KV cache and no gradient, up to <|im_end|> (then
     supervised, as in the data) or the length limit. Each sample has at least one token (generate's first;
     the prompt leaves room for it within max_len), so a sampled micro-batch always has supervised tokens.
     Returns them and the figures [sampled micro-batches, sampled tokens, samples, seconds]."""
@@ -1316,9 +1322,7 @@ def sample_answers(run, model, micro, step):
             out.append(batch)
             continue
         t0 = time.time()
-        # a plain-text row (every token supervised) has no prompt: its first token is the prompt
-        prompts = [data.prompt_ids(ids, labels) or ids[:1].tolist() for ids, labels in
-                   zip(batch.input_ids.numpy(), batch.labels.numpy())]
+        prompts = answer_prompts(batch)
         sampling = qwen.Sampling(temperature=cfg.on_policy_temperature, seed=seed)
         with autocast(run.device, cfg.autocast):
             answers = model.generate(prompts, min(cfg.on_policy_max_new_tokens, cfg.max_len - min(map(len, prompts))),

@@ -2040,10 +2040,8 @@ def test_on_policy_answers_are_the_students_own_samples_within_max_len(run_dir, 
     assert plain[0].input_ids[0, 0] == 9707 and plain[0].labels[0, 0] == -100 and (plain[0].labels[0, 1:] != -100).any()
 
 
-def hf_logits64(path, input_ids, attention_mask):
-    m = transformers.Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float64).eval()
-    with torch.no_grad():
-        return m(input_ids=input_ids, attention_mask=attention_mask).logits
+def hf_float64(path):
+    return transformers.Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float64).eval()
 
 
 def test_on_policy_step_equals_a_float64_reference_on_its_samples(run_dir, tmp_path):
@@ -2071,11 +2069,12 @@ def test_on_policy_step_equals_a_float64_reference_on_its_samples(run_dir, tmp_p
         assert answer[-1] == im_end or len(answer) == 6
     V, total = 151665, torch.zeros(3, dtype=torch.float64)
     n = 0
+    models = {r: hf_float64(run_dir / r) for r in ("student", "teacher_ft", "teacher_raw")}  # the step's weights
     for batch in sampled:
         mask = (batch.labels[:, 1:] != -100)
         att = (torch.arange(batch.input_ids.shape[1]) < torch.tensor(batch.lengths)[:, None]).long()
-        z = {r: hf_logits64(run_dir / r, batch.input_ids, att)[:, :-1][mask][:, :V]
-             for r in ("student", "teacher_ft", "teacher_raw")}
+        with torch.no_grad():
+            z = {r: m(input_ids=batch.input_ids, attention_mask=att).logits[:, :-1][mask][:, :V] for r, m in models.items()}
         logq = torch.log_softmax(z["student"] / tau, -1)
         logp = torch.log_softmax((z["teacher_ft"] + alpha * (z["student"] - z["teacher_raw"])) / tau, -1)
         kd = (logp.exp() * (logp - logq)).sum()
