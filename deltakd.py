@@ -71,7 +71,7 @@ class Config:
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     cache_dir: str = ""         # token caches (tokenized once, shared by runs on the same data); default out_dir/cache
     # method
-    method: str = "delta"       # sft | fkl | rkl | delta | seqkd (see METHODS)
+    method: str = "delta"       # sft | fkl | rkl | delta | seqkd | minillm (see METHODS)
     divergence: str = "fkl"     # delta only: fkl = KL(pi* || pi_theta) (the paper), rkl = KL(pi_theta || pi*)
     lam: float = 0.5            # weight of the SFT term (forced to 1 for sft and seqkd)
     alpha: float = 1.0          # strength of the finetuning shift; 0: the raw models are not loaded
@@ -80,6 +80,13 @@ class Config:
     on_policy: float = 0.0      # share of micro-batches answered by the student's own samples (GKD's lmbda); 0: none
     on_policy_temperature: float = 1.0  # the student's sampling temperature, top_p 1 (0: greedy)
     on_policy_max_new_tokens: int = 256  # longest sampled answer (and at most max_len in all)
+    # MiniLLM (--method=minillm; LMOps' defaults): every micro-batch sampled, a PPO step on each rollout batch
+    ppo_epochs: int = 4         # optimizer updates on each rollout batch (the step's micro-batches, all ranks)
+    ppo_clip: float = 0.2       # the ratio w q_theta / q_old is clipped to [1 - clip, 1 + clip]
+    teacher_mix: float = 0.2    # each token is drawn from (1 - mix) q_theta + mix p_teacher
+    reward_gamma: float = 0.95  # discount of the reward-to-go
+    reward_scaling: float = 0.5  # r_t = clip((log p - log q_theta) / scaling, +-reward_clip)
+    reward_clip: float = 100.0
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
     targets_dir: str = ""       # empty: frozen models run live at every step
     topk: int = 64              # target probabilities kept per supervised token (+ the mass of the rest)
@@ -107,7 +114,7 @@ class Config:
     autocast: str = "auto"      # bf16 | none; auto: bf16 on CUDA, none on CPU
     # evaluation: ROUGE of generated answers on held-out prompts, and teacher-forced NLL / KL / top-1
     eval_every: int = 0         # 0: only at the end
-    eval_max_new_tokens: int = 256
+    eval_max_new_tokens: int = 256  # 0: the teacher-forced figures only, nothing generated
     eval_temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature, top_p 1 (MiniLLM / DistiLLM)
     eval_seeds: int = 1         # sampled answers per prompt (seeds seed, seed+1, ...); ROUGE is their mean
     eval_batch_size: int = 16
@@ -135,6 +142,8 @@ class Method:
     shift: bool = False             # the target adds the finetuning shift alpha (z_s^raw - z_t^raw): Delta-KD
     lam: float | None = None        # forced lambda; None: --lam
     generator: str | None = None    # seqkd: the model whose greedy answers replace the training answers
+    on_policy: float | None = None  # forced share of micro-batches sampled from the student; None: --on_policy
+    policy_gradient: bool = False   # MiniLLM: the KD term (reverse KL) plus a PPO policy gradient on the samples
 
 
 # the one table of methods: everything else reads it
@@ -144,7 +153,10 @@ METHODS = {
     "rkl": Method(divergence="rkl"),
     "delta": Method(divergence="fkl", divergence_flag=True, shift=True),
     "seqkd": Method(lam=1.0, generator="teacher_ft"),
+    # LMOps' MiniLLM without its optional language-modelling term on a pretraining corpus (README)
+    "minillm": Method(divergence="rkl", lam=0.0, on_policy=1.0, policy_gradient=True),
 }
+MINILLM_KEYS = ("ppo_epochs", "ppo_clip", "teacher_mix", "reward_gamma", "reward_scaling", "reward_clip")
 
 
 def divergence_of(cfg):
@@ -153,15 +165,22 @@ def divergence_of(cfg):
     return cfg.divergence if method.divergence_flag else method.divergence
 
 
+def on_policy_of(cfg):
+    # the share of micro-batches answered by the student's own samples
+    method = METHODS[cfg.method]
+    return cfg.on_policy if method.on_policy is None else method.on_policy
+
+
 # the values each numeric flag accepts, refused in parse_args before any work (a float must also be finite)
 FLAG_RANGES = [
     (("batch_size", "grad_accum", "epochs", "topk", "targets_shard", "chunk_size", "eval_batch_size", "eval_seeds",
-      "eval_max_new_tokens", "seqkd_max_new_tokens", "on_policy_max_new_tokens"), lambda v: v >= 1, ">= 1"),
+      "seqkd_max_new_tokens", "on_policy_max_new_tokens", "ppo_epochs"), lambda v: v >= 1, ">= 1"),
     (("max_rows", "eval_size", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "alpha", "eval_every",
+      "eval_max_new_tokens",
       "eval_temperature", "save_every", "keep_last", "peak_tflops", "on_policy_temperature"), lambda v: v >= 0, ">= 0"),
-    (("lr", "temperature"), lambda v: v > 0, "> 0"),
-    (("lam", "min_lr_ratio", "on_policy"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-    (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("lr", "temperature", "ppo_clip", "reward_scaling", "reward_clip"), lambda v: v > 0, "> 0"),
+    (("lam", "min_lr_ratio", "on_policy", "reward_gamma"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("beta1", "beta2", "teacher_mix"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_len",), lambda v: v >= 2, ">= 2 (a prompt token and a supervised one)"),
 ]
 
@@ -201,14 +220,22 @@ def parse_args(argv, cfg=None):
         raise SystemExit(f"--divergence is one of {', '.join(DIVERGENCES)}; --loss_impl is chunked or dense")
     if cfg.targets_dir and divergence_of(cfg) is None:
         raise SystemExit(f"--targets_dir has no effect with --method={cfg.method} (no teacher distribution)")
-    if cfg.on_policy and divergence_of(cfg) is None:
+    if on_policy_of(cfg) and divergence_of(cfg) is None:
         raise SystemExit(f"--on_policy has no effect with --method={cfg.method} (no teacher distribution to score "
                          "the samples with)")
-    if cfg.on_policy and cfg.targets_dir:
-        raise SystemExit("--on_policy with --targets_dir: the samples change at every step, so no stored target can "
+    if on_policy_of(cfg) and cfg.targets_dir:
+        on_policy = "--on_policy" if METHODS[cfg.method].on_policy is None else f"--method={cfg.method}"
+        raise SystemExit(f"{on_policy} with --targets_dir: the samples change at every step, so no stored target can "
                          "score them; drop --targets_dir (the frozen models then run live)")
-    if {"on_policy_temperature", "on_policy_max_new_tokens"} & given and not cfg.on_policy:
+    if METHODS[cfg.method].on_policy is not None and "on_policy" in given:
+        raise SystemExit(f"--on_policy has no effect with --method={cfg.method} (it samples every micro-batch)")
+    if {"on_policy_temperature", "on_policy_max_new_tokens"} & given and not on_policy_of(cfg):
         raise SystemExit("--on_policy_temperature and --on_policy_max_new_tokens go with --on_policy > 0")
+    if not METHODS[cfg.method].policy_gradient and set(MINILLM_KEYS) & given:
+        raise SystemExit(f"--{' --'.join(sorted(set(MINILLM_KEYS) & given))} go with --method=minillm")
+    if METHODS[cfg.method].policy_gradient and {"temperature", "on_policy_temperature", "lam"} & given:
+        raise SystemExit("--method=minillm takes neither --temperature nor --on_policy_temperature (it samples, and "
+                         "its weights, rewards and KL are, at 1) nor --lam (its samples have no labels)")
     if cfg.targets_dtype not in ("float32", "float16") or cfg.autocast not in ("auto", "bf16", "none") \
             or cfg.teacher_dtype not in ("bfloat16", "float16", "float32"):
         raise SystemExit("--targets_dtype is float32 or float16; --autocast is auto, bf16 or none; "
@@ -252,6 +279,7 @@ class LossSpec:
     chunk_size: int = 512
     impl: str = "chunked"
     compile: bool = False       # chunk_loss through torch.compile (one graph per spec, any chunk length)
+    ppo_clip: float = 0.2       # MiniLLM's PPO ratio clip (long_term_term)
 
     @property
     def weights(self):
@@ -262,7 +290,7 @@ def loss_spec(cfg, vocab):
     method = METHODS[cfg.method]
     return LossSpec(vocab=vocab, method=cfg.method, lam=cfg.lam if method.lam is None else method.lam,
                     alpha=cfg.alpha, temperature=cfg.temperature, divergence=divergence_of(cfg),
-                    chunk_size=cfg.chunk_size, impl=cfg.loss_impl, compile=cfg.compile)
+                    chunk_size=cfg.chunk_size, impl=cfg.loss_impl, compile=cfg.compile, ppo_clip=cfg.ppo_clip)
 
 
 def target_logits(z, weights):
@@ -287,6 +315,49 @@ def reverse_kl(logp, logq):
 
 
 DIVERGENCES = {"fkl": forward_kl, "rkl": reverse_kl}  # a new divergence: a function here (autograd does its gradient)
+
+# MiniLLM (Gu et al., ICLR 2024, as microsoft/LMOps minillm/ computes it) minimises KL(q_theta || p) on the student's
+# own samples, drawn with the teacher mixed in, by a gradient in four terms: the single-step term, the exact reverse
+# KL at every sampled prefix (reverse_kl); the long-term term, a policy gradient on the discounted, length-normalised
+# reward-to-go of the per-token rewards (minillm_rewards, reward_to_go); the teacher-mixed sampling's importance
+# weights (importance_weights); and PPO's ratio clipping, which the weights enter (long_term_term).
+
+
+def minillm_rewards(logp_y, logq_y, cfg):
+    """r_t = clip((log p(y_t) - log q(y_t)) / reward_scaling, +-reward_clip) of each sampled token, q the student
+    that sampled the rollout (its own distribution, not the mixture)."""
+    return ((logp_y - logq_y) / cfg.reward_scaling).clamp(-cfg.reward_clip, cfg.reward_clip)
+
+
+def reward_to_go(rewards, mask, gamma):
+    """R_t = sum_{k >= t} gamma^(k - t) r_k / n_t along each sequence, n_t its supervised tokens at >= t: LMOps'
+    return, r_t included, normalised by the remaining length (a one-token answer: R = r). rewards (N,) in the
+    order of mask (B, T-1)'s True entries (shift_labels'), in float64."""
+    r = torch.zeros(mask.shape, dtype=torch.float64, device=rewards.device)
+    r[mask] = rewards.double()
+    acc, out = torch.zeros_like(r[:, 0]), torch.zeros_like(r)
+    for t in reversed(range(r.shape[1])):  # positions after a sequence's end hold r = 0: it does not leak back
+        acc = r[:, t] + gamma * acc
+        out[:, t] = acc
+    return (out / mask.flip(1).cumsum(1).flip(1).clamp(min=1))[mask]
+
+
+def importance_weights(logq_y, logp_y, mix):
+    """w_t = q(y_t) / ((1 - mix) q(y_t) + mix p(y_t)): the sampled token under the student over under the mixture
+    it was drawn from; per token, as LMOps (not a product over the prefix), so at most 1 / (1 - mix)."""
+    if not mix:
+        return torch.ones_like(logq_y)
+    return torch.exp(logq_y - torch.logaddexp(logq_y + math.log1p(-mix), logp_y + math.log(mix)))
+
+
+def long_term_term(logq_y, ppo, clip):
+    """PPO's clipped surrogate sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - c, 1 + c)), rho_t = w_t q_theta(y_t) /
+    q_old(y_t), from rows ppo (N, 3) = (log q_old(y_t), advantage A_t, w_t). Returns the sum and its derivative in
+    log q_theta(y_t): -A_t rho_t where the unclipped side is the larger, else 0 (the clipped side is flat)."""
+    old, advantage, w = ppo.unbind(1)
+    ratio = w * (logq_y - old).exp()
+    unclipped, clipped = -advantage * ratio, -advantage * ratio.clamp(1 - clip, 1 + clip)
+    return torch.maximum(unclipped, clipped).sum(), torch.where(unclipped >= clipped, unclipped, 0.0)
 
 
 def supervised_mask(labels):
@@ -360,12 +431,15 @@ def bucket_logq(logq, target):
     return torch.cat([logq.gather(1, target.ids), log_rest(logq, target.ids)[:, None]], 1)
 
 
-def chunk_loss(z, label_ids, target, spec, scratch=None):
+def chunk_loss(z, label_ids, target, spec, scratch=None, ppo=None):
     """One chunk of rows: z (n, V) fp32 student logits, label_ids (n,); target None (SFT), (n, V) fp32
     target logits (before / tau) or a StoredTarget. Returns the loss, its SFT and KD sums and
     dloss/dz (n, V). z, the target's logits and scratch (n, V) are workspace, overwritten in place (on a
     CPU a fresh tensor of a few hundred MB is page-faulted in again at every chunk); dz comes back in
-    z's memory. The SFT term is at tau = 1, its gradient lam (softmax(z) - onehot(y))."""
+    z's memory. The SFT term is at tau = 1, its gradient lam (softmax(z) - onehot(y)). ppo: MiniLLM's rows
+    (minillm_chunk)."""
+    if ppo is not None:
+        return minillm_chunk(z, label_ids, target, spec, scratch, ppo)
     lam = spec.lam
     if target is None:
         sft = negative_log_likelihood(torch.log_softmax(z, -1, out=z), label_ids)
@@ -379,6 +453,20 @@ def chunk_loss(z, label_ids, target, spec, scratch=None):
     if lam:
         dz[torch.arange(len(label_ids), device=z.device), label_ids] -= lam
     return lam * sft + (1 - lam) * kd, sft, kd, dz
+
+
+def minillm_chunk(z, label_ids, target, spec, scratch, ppo):
+    """A chunk of MiniLLM's loss, the single-step term sum_t KL(q_theta || p) (tau = 1) plus the long-term
+    term, and dloss/dz in closed form: q (log q - log p - KL) for the first, g (onehot(y) - q) for the second
+    (g its derivative in log q(y)). Returns (loss, 0, the KL sum, dz) as chunk_loss, dz in the target's buffer."""
+    logq = torch.log_softmax(z, -1, out=z)
+    q = torch.exp(logq, out=scratch)
+    pg, g = long_term_term(logq.gather(1, label_ids[:, None])[:, 0], ppo, spec.ppo_clip)
+    dz = torch.log_softmax(target, -1, out=target).neg_().add_(logq).mul_(q)  # q (log q - log p)
+    kl = dz.sum(-1)
+    dz.addcmul_(q, (-kl - g)[:, None])
+    dz[torch.arange(len(label_ids), device=z.device), label_ids] += g
+    return kl.sum() + pg, torch.zeros_like(pg), kl.sum(), dz
 
 
 def student_logprobs(z, label_ids, spec):
@@ -481,7 +569,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
     allocated once per call and reused by every chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, label_ids, target, spec):
+    def forward(ctx, h, weight, label_ids, target, spec, ppo):
         V, chunk, N = spec.vocab, spec.chunk_size, h.shape[0]
         need_grad = h.requires_grad or weight.requires_grad  # grad mode itself is off in here
         W = weight[:V]  # the real tokens only: Qwen's padded rows never enter a softmax
@@ -501,7 +589,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
             else:
                 t = None if target is None else target[s:s + chunk]
             loss, sft, kd, dz = loss_of_chunk(z, label_ids[s:s + chunk], t, spec,
-                                              buffers[1, :n] if t is not None else None)
+                                              buffers[1, :n] if t is not None else None, ppo if ppo is None else ppo[s:s + chunk])
             totals += torch.stack([loss, sft, kd]).double()
             if need_grad:
                 if plain_fp32(hc):
@@ -521,26 +609,32 @@ class ChunkedDistillLoss(torch.autograd.Function):
     def backward(ctx, g, _g_sft, _g_kd):
         # scaled in place: this graph is backpropagated once (no retain_graph), so no copy is needed
         grad_h, grad_W = ctx.saved_tensors
-        return grad_h.mul_(g).to(ctx.dtypes[0]), grad_W.mul_(g).to(ctx.dtypes[1]), None, None, None
+        return grad_h.mul_(g).to(ctx.dtypes[0]), grad_W.mul_(g).to(ctx.dtypes[1]), None, None, None, None
 
 
-def distill_loss(h, weight, labels, target, spec):
+def distill_loss(h, weight, labels, target, spec, ppo=None):
     """(loss_sum, sft_sum, kd_sum, count) over the supervised positions of a batch. h (B, T, C) student
     final hidden states, weight its lm_head, labels (B, T); target: None (SFT), {role: (hidden
     (B, T, C_t), head weight)} of the frozen models, or a StoredTarget with one row per supervised
     position (in supervised_mask's order). spec.impl "chunked" (memory-flat) or "dense" (full
-    (B, T, V) logits through the pure functions above: the reference the chunked path equals)."""
+    (B, T, V) logits through the pure functions above: the reference the chunked path equals). ppo: MiniLLM's
+    (N, 3) rows per supervised position (Rollout), with the teacher as target."""
     V, lam = spec.vocab, spec.lam
     target = target or None  # {}: no frozen model (SFT)
     mask, label_ids = shift_labels(labels)
     if spec.impl == "chunked" or isinstance(target, StoredTarget):
         rows = {r: (t[:, :-1][mask], w) for r, (t, w) in target.items()} if isinstance(target, dict) else target
-        return (*ChunkedDistillLoss.apply(h[:, :-1][mask], weight, label_ids, rows, spec), mask.sum())
+        return (*ChunkedDistillLoss.apply(h[:, :-1][mask], weight, label_ids, rows, spec, ppo), mask.sum())
     z = (h @ weight[:V].T).float()  # (B, T, V)
     sft, n = sft_loss(z, labels)
     if target is None:
         return lam * sft, sft.detach(), torch.zeros_like(sft), n
     t = target_logits({r: (th @ tw[:V].T).float() for r, (th, tw) in target.items()}, spec.weights)
+    if ppo is not None:  # MiniLLM, at tau = 1
+        logq = F.log_softmax(z[:, :-1][mask], dim=-1)
+        kd = reverse_kl(F.log_softmax(t[:, :-1][mask], dim=-1), logq).sum()
+        pg, _ = long_term_term(logq.gather(1, label_ids[:, None])[:, 0], ppo, spec.ppo_clip)
+        return kd + pg, torch.zeros_like(kd), kd.detach(), n
     kd, _ = kd_loss(z, F.log_softmax(t / spec.temperature, dim=-1), labels, spec.divergence, spec.temperature)
     return lam * sft + (1 - lam) * kd, sft.detach(), kd.detach(), n
 
@@ -867,11 +961,11 @@ def generate_all(run, model, prompts, max_new_tokens, temperature=0.0, seed=0):
 @torch.no_grad()
 def forced_scores(run, model, teacher, examples):
     """Teacher-forced figures on the held-out reference answers, per answer token: the student's NLL of the
-    reference, and with the finetuned teacher KL(pi_t^ft || student) at tau = 1 and top-1 agreement (the
+    reference and its entropy (how sure it is), and with the finetuned teacher KL(pi_t^ft || student) at tau = 1 and top-1 agreement (the
     share of positions where both models' most probable token is the same). Smooth, cheap, and what
     distillation optimises directly, where ROUGE of generations is noisy and coarse."""
     cfg, dev, vocab = run.cfg, model.lm_head.weight.device, run.spec.vocab
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # nll, kl, agreements, tokens
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)  # nll, kl, agreements, tokens, entropy
     was_training = model.training
     model.eval()
     mine = [(e.input_ids, e.labels) for e in examples[run.rank::run.world]]
@@ -884,14 +978,15 @@ def forced_scores(run, model, teacher, examples):
             z = {m: logits(h[c:c + cfg.chunk_size], m.lm_head.weight[:vocab]) for m, h in hs.items()}
             logq = F.log_softmax(z[model], dim=-1)
             sums[0] += negative_log_likelihood(logq, label_ids[c:c + cfg.chunk_size])
+            sums[4] -= (logq.exp() * logq).sum()
             if teacher:
                 sums[1] += forward_kl(F.log_softmax(z[teacher], dim=-1), logq).sum()
                 sums[2] += (z[model].argmax(-1) == z[teacher].argmax(-1)).sum()
         sums[3] += len(label_ids)
     model.train(was_training)
-    nll, kl, agree, n = all_reduce(sums).tolist()
+    nll, kl, agree, n, entropy = all_reduce(sums).tolist()
     n = max(n, 1)
-    return {"nll": nll / n, **({"kl_teacher": kl / n, "top1_teacher": agree / n} if teacher else {})}
+    return {"nll": nll / n, "entropy": entropy / n, **({"kl_teacher": kl / n, "top1_teacher": agree / n} if teacher else {})}
 
 
 def evaluate(run, model, teacher, examples, tag):
@@ -901,6 +996,7 @@ def evaluate(run, model, teacher, examples, tag):
     eval-{tag}.jsonl (and eval-{tag}-sampled.jsonl)."""
     cfg, prompts, refs = run.cfg, [e.prompt for e in examples], [e.reference for e in examples]
     protocols = [("", 0.0, 1)] + ([("sampled_", cfg.eval_temperature, cfg.eval_seeds)] if cfg.eval_temperature else [])
+    protocols = protocols if cfg.eval_max_new_tokens else []
     scores = {}
     for prefix, temperature, n_seeds in protocols:
         preds = [generate_all(run, model, prompts, cfg.eval_max_new_tokens, temperature, cfg.seed + k)
@@ -973,11 +1069,12 @@ def autocast(device, mode="auto"):
 
 # what a resumed run shares with the run it continues: a change is refused, naming each key, unless
 # --resume_allow names it too. Model paths count (a moved model: allow its key); so do the data's bytes.
-# The on-policy keys are recorded only when on_policy > 0, so a run from before them is the same run
+# The on-policy keys are recorded only when a run samples, MiniLLM's only for MiniLLM, so a run from before
+# them is the same run
 ON_POLICY_KEYS = ("on_policy", "on_policy_temperature", "on_policy_max_new_tokens")
 RUN_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "max_rows", "eval_data",
             "eval_size", "max_len", "system_prompt", "skip_bad_rows", "method", "divergence", "lam", "alpha",
-            "temperature", "teacher_dtype", "autocast", "batch_size", "seed") + ON_POLICY_KEYS
+            "temperature", "teacher_dtype", "autocast", "batch_size", "seed") + ON_POLICY_KEYS + MINILLM_KEYS
 RUN_FACTS = ("micro_batches_per_step", "stored_targets", "train_data_content")  # the rest of run_identity
 # the schedule may change on resume (e.g. a finished run continued to a larger max_steps); the run says so
 SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
@@ -993,7 +1090,8 @@ def run_identity(run):
     stored = {"topk": cfg.topk, "targets_dtype": cfg.targets_dtype} if cfg.targets_dir else None
     paths = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data")
     values = {k: os.path.abspath(getattr(cfg, k)) if k in paths and getattr(cfg, k) else getattr(cfg, k)
-              for k in RUN_KEYS if cfg.on_policy or k not in ON_POLICY_KEYS}  # a path relative or absolute: the same
+              for k in RUN_KEYS if (on_policy_of(cfg) or k not in ON_POLICY_KEYS)
+              and (METHODS[cfg.method].policy_gradient or k not in MINILLM_KEYS)}  # a path relative or absolute: the same
     return {**values, "micro_batches_per_step": run.world * cfg.grad_accum,
             "stored_targets": stored, "train_data_content": content}
 
@@ -1307,10 +1405,11 @@ def answer_prompts(batch):
             for ids, labels in zip(batch.input_ids.numpy(), batch.labels.numpy())]
 
 
-def sample_answers(run, model, micro, step):
+def sample_answers(run, model, micro, step, teacher_mix=None):
     """The step's micro-batches with those drawn (on_policy_draw) answered by the student itself: for each
     prompt (answer_prompts, as SeqKD's), one sample at --on_policy_temperature, in eval mode with the KV cache and no gradient, up to <|im_end|> (then
-    supervised, as in the data) or the length limit. Each sample has at least one token (generate's first;
+    supervised, as in the data) or the length limit; MiniLLM mixes its teacher in (teacher_mix = (model,
+    mix), Qwen.generate's mix_in). Each sample has at least one token (generate's first;
     the prompt leaves room for it within max_len), so a sampled micro-batch always has supervised tokens.
     Returns them and the figures [sampled micro-batches, sampled tokens, samples, seconds]."""
     cfg = run.cfg
@@ -1318,7 +1417,7 @@ def sample_answers(run, model, micro, step):
     model.eval()
     for j, batch in enumerate(micro):
         u, seed = on_policy_draw(cfg.seed, step, run.rank + j * run.world)
-        if u >= cfg.on_policy:
+        if u >= on_policy_of(cfg):
             out.append(batch)
             continue
         t0 = time.time()
@@ -1326,7 +1425,7 @@ def sample_answers(run, model, micro, step):
         sampling = qwen.Sampling(temperature=cfg.on_policy_temperature, seed=seed)
         with autocast(run.device, cfg.autocast):
             answers = model.generate(prompts, min(cfg.on_policy_max_new_tokens, cfg.max_len - min(map(len, prompts))),
-                                     run.stop_ids, sampling, run.spec.vocab)
+                                     run.stop_ids, sampling, run.spec.vocab, teacher_mix)
         answers = [a[:cfg.max_len - len(p)] for p, a in zip(prompts, answers)]  # at most max_len in all
         examples = [(p + a, [data.IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers)]
         input_ids, labels, _ = data.collate(examples, run.pad_id, run.length_multiple)
@@ -1344,6 +1443,50 @@ def sampling_record(run, sample_figures, micro):
             "sampled_tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
+class Rollout(NamedTuple):
+    """A sampled micro-batch as MiniLLM's PPO passes read it, scored once before them (minillm_rollouts)."""
+    frozen: dict                # the teacher's hidden states over the samples (Target.of), fixed across the passes
+    ppo: torch.Tensor           # (N, 3) per sampled token: log q_old(y_t), the whitened reward-to-go A_t, w_t
+
+
+def token_logprobs(h, head, label_ids, spec):
+    # log softmax(h @ head.T)[y] of each row at tau = 1 over the real vocabulary, a chunk of rows at a time, with
+    # the head in h's dtype as the chunked loss casts it (so the first PPO pass's ratio is 1)
+    c, head = spec.chunk_size, head[:spec.vocab].to(h.dtype)
+    return torch.cat([F.log_softmax(logits(h[s:s + c], head), dim=-1).gather(1, label_ids[s:s + c, None])[:, 0]
+                      for s in range(0, len(h), c)])
+
+
+@torch.no_grad()
+def minillm_rollouts(run, student, target, micro):
+    """The step's samples scored for MiniLLM by the student that drew them and the teacher: each token's log
+    q_old(y_t) (the ratio's denominator), importance weight and reward; the reward-to-go whitened (mean 0,
+    variance 1) over the whole rollout batch, every micro-batch of every rank (LMOps whitens each minibatch,
+    padding included: here the minibatch is the rollout batch, and padding is left out). Returns the Rollouts
+    and the rollout batch's mean reward."""
+    cfg, spec, rows = run.cfg, run.spec, []
+    for batch in micro:
+        input_ids, labels = batch.input_ids.to(run.device), batch.labels.to(run.device)
+        mask, label_ids = shift_labels(labels)
+        frozen = target.of(input_ids, batch.examples, cfg.autocast)
+        with autocast(run.device, cfg.autocast):
+            h = student.model(input_ids, return_hidden=True)
+        logq_y = token_logprobs(h[:, :-1][mask], student.model.lm_head.weight, label_ids, spec)
+        teacher_h, teacher_head = frozen["teacher_ft"]
+        logp_y = token_logprobs(teacher_h[:, :-1][mask], teacher_head, label_ids, spec)
+        rewards = minillm_rewards(logp_y, logq_y, cfg)
+        rows.append((frozen, logq_y, reward_to_go(rewards, mask, cfg.reward_gamma),
+                     importance_weights(logq_y, logp_y, cfg.teacher_mix), rewards.sum()))
+    returns = torch.cat([r for _, _, r, _, _ in rows])
+    n, total, squares, reward = all_reduce(torch.stack([torch.tensor(float(len(returns)), dtype=torch.float64,
+                                                                     device=run.device), returns.sum(),
+                                                        returns.square().sum(), sum(r[-1] for r in rows).double()]))
+    mean = total / n
+    scale = torch.rsqrt(squares / n - mean**2 + 1e-8)
+    return [Rollout(frozen, torch.stack([logq_y, ((r - mean) * scale).float(), w], 1))
+            for frozen, logq_y, r, w, _ in rows], (reward / n).item()
+
+
 def lr_at(step, cfg, total):
     # linear warmup, then cosine decay from lr to lr * min_lr_ratio
     if step < cfg.warmup_steps:
@@ -1358,29 +1501,54 @@ def train_step(run, student, target, micro, step, total):
     drawn micro-batches are first answered by the student (sample_answers); on those the loss is the KD term
     alone at full weight (lam = 0: the student's own tokens are no labels), so every supervised token of the
     step weighs the same, and at on_policy = 1 the loss is the KD term alone, on the student's samples (GKD's).
-    The logged sft sums the data's tokens only (still divided by all the step's supervised tokens)."""
+    The logged sft sums the data's tokens only (still divided by all the step's supervised tokens). MiniLLM
+    samples every micro-batch with its teacher mixed in, scores the samples once (minillm_rollouts), and makes
+    --ppo_epochs updates on them (a step is one rollout batch; the logged sums are the passes' mean)."""
     cfg, device = run.cfg, run.device
-    micro, sample_figures = sample_answers(run, student.model, micro, step) if cfg.on_policy else (micro, None)
+    minillm = METHODS[cfg.method].policy_gradient
+    teacher = target.frozen.get("teacher_ft")
+    teacher_mix = (getattr(teacher, "_orig_mod", teacher), cfg.teacher_mix) if minillm else None
+    micro, sample_figures = (sample_answers(run, student.model, micro, step, teacher_mix) if on_policy_of(cfg)
+                             else (micro, None))
+    rollouts, reward = minillm_rollouts(run, student, target, micro) if minillm else (None, None)
     # normalise by the supervised tokens of the whole step, all micro-batches and ranks together
     n_tokens = all_reduce(torch.tensor(sum(int(supervised_mask(b.labels).sum()) for b in micro),
                                        dtype=torch.float64, device=device)).item()
     lr = lr_at(step, cfg, total)
     for g in student.optimizer.param_groups:
         g["lr"] = lr
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for i, batch in enumerate(micro):
-        input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-        sync = i == len(micro) - 1 or not dist.is_initialized()
-        with contextlib.nullcontext() if sync else student.ddp.no_sync():  # all-reduce on the last only
-            teacher = target.of(input_ids, batch.examples, cfg.autocast)
-            with autocast(device, cfg.autocast):
-                h = student.ddp(input_ids, return_hidden=True)
-            spec = dataclasses.replace(run.spec, lam=0.0) if batch.sampled else run.spec
-            loss, sft, kd, _ = distill_loss(h, student.model.lm_head.weight, labels, teacher, spec)
-            # DDP averages gradients over ranks; * world turns that into the global token mean
-            (loss * (run.world / n_tokens)).backward()
-        sums += torch.stack([loss.detach(), sft * (not batch.sampled), kd]).double()  # sft: the data's tokens
-    sums = all_reduce(sums) / n_tokens
+    passes = cfg.ppo_epochs if minillm else 1
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # all ranks, per supervised token, summed over passes
+    for _ in range(passes):
+        pass_sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for i, batch in enumerate(micro):
+            input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+            sync = i == len(micro) - 1 or not dist.is_initialized()
+            with contextlib.nullcontext() if sync else student.ddp.no_sync():  # all-reduce on the last only
+                frozen = rollouts[i].frozen if minillm else target.of(input_ids, batch.examples, cfg.autocast)
+                with autocast(device, cfg.autocast):
+                    h = student.ddp(input_ids, return_hidden=True)
+                spec = dataclasses.replace(run.spec, lam=0.0) if batch.sampled else run.spec
+                loss, sft, kd, _ = distill_loss(h, student.model.lm_head.weight, labels, frozen, spec,
+                                                rollouts[i].ppo if minillm else None)
+                # DDP averages gradients over ranks; * world turns that into the global token mean
+                (loss * (run.world / n_tokens)).backward()
+            pass_sums += torch.stack([loss.detach(), sft * (not batch.sampled), kd]).double()  # sft: the data's tokens
+        pass_sums = all_reduce(pass_sums) / n_tokens
+        gnorm = optimizer_step(run, student, step, pass_sums)
+        sums += pass_sums / passes
+    n_in, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro), step_flops(run, micro, student, target)],
+                                          dtype=torch.float64, device=device)).tolist()
+    return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
+            "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens,
+            **(sampling_record(run, sample_figures, micro) if sample_figures is not None else {}),
+            **({"reward": reward} if minillm else {})}
+
+
+def optimizer_step(run, student, step, sums):
+    # clip and step, unless the loss (sums per supervised token, all ranks) or the gradient is not finite; returns
+    # the grad norm
+    cfg = run.cfg
     if not torch.isfinite(sums).all():
         raise SystemExit(f"non-finite loss at step {step + 1} ({sums.tolist()}); stopping without saving: "
                          f"{intact_checkpoint(cfg.out_dir)}")
@@ -1390,22 +1558,20 @@ def train_step(run, student, target, micro, step, total):
                          f"{intact_checkpoint(cfg.out_dir)}")
     student.optimizer.step()
     student.optimizer.zero_grad(set_to_none=True)
-    n_in, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro), step_flops(micro, student, target)],
-                                          dtype=torch.float64, device=device)).tolist()
-    return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
-            "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens,
-            **(sampling_record(run, sample_figures, micro) if sample_figures is not None else {})}
+    return gnorm
 
 
-def step_flops(micro, student, target):
-    # model FLOPs of this rank's micro-batches: the student trained on every real token (and run forward over a
-    # sampled sequence: its sampling), each live frozen model forward
+def step_flops(run, micro, student, target):
+    # model FLOPs of this rank's micro-batches: the student trained on every real token (once per PPO pass) and run
+    # forward over a sampled sequence (its sampling; MiniLLM's scoring too), each live frozen model forward (MiniLLM:
+    # its teacher also in the sampling)
+    minillm = METHODS[run.cfg.method].policy_gradient
     total = 0.0
     for batch in micro:
         for T in batch.lengths.tolist():
-            total += T * qwen.flops_per_token(student.model.config, T, train=True)
-            total += batch.sampled * T * qwen.flops_per_token(student.model.config, T, train=False)
-            total += sum(T * qwen.flops_per_token(m.config, T, train=False) for m in target.frozen.values())
+            total += (run.cfg.ppo_epochs if minillm else 1) * T * qwen.flops_per_token(student.model.config, T, train=True)
+            total += batch.sampled * (1 + minillm) * T * qwen.flops_per_token(student.model.config, T, train=False)
+            total += (1 + minillm) * sum(T * qwen.flops_per_token(m.config, T, train=False) for m in target.frozen.values())
     return total
 
 
@@ -1451,8 +1617,9 @@ class Log:
             if "sampled" in rec:  # --on_policy: the share of sampled micro-batches, and the samples when there are any
                 samples = f" (mean {rec['sampled_length']:.0f} tokens, {rec['sampled_tokens_per_s']:.0f} tok/s)"
                 sampled = f"sampled {rec['sampled']:.0%}{samples if rec['sampled'] else ''} | "
+            reward = f"reward {rec['reward']:.3f} | " if "reward" in rec else ""  # MiniLLM's mean r_t
             print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
-                  f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {sampled}{rec['tokens_per_s']:.0f} tok/s | "
+                  f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {sampled}{reward}{rec['tokens_per_s']:.0f} tok/s | "
                   f"{mfu} | eta {eta:.0f}s")
 
     def eval(self, step, scores):
@@ -1555,7 +1722,8 @@ def train(cfg):
 
 
 # (chunk, vocab) fp32 tensors live at once in the chunked loss: SFT alone, the student's logits (which become
-# dz); forward KL, those plus the target's logits and its probabilities; a divergence differentiated by
+# dz); forward KL (and MiniLLM, also in closed form), those plus the target's logits and its probabilities; a
+# divergence differentiated by
 # autograd, those plus its graph's copies of logq and of the elementwise terms (a CPU step peaks inside the
 # loss; test_deltakd's dry-run test holds the plan to 20% of a measured step)
 LOSS_BUFFERS = {"sft": 1, "fkl": 3, "autograd": 9}
@@ -1581,7 +1749,8 @@ def memory_plan(cfg, configs, world):
         if role != "student":
             m = params(config)
             rows.append((f"{role} {cfg.teacher_dtype} ({m:,} params)", dtype_bytes * m))
-    buffers = LOSS_BUFFERS[{None: "sft", "fkl": "fkl"}.get(divergence_of(cfg), "autograd")]
+    closed_form = divergence_of(cfg) == "fkl" or METHODS[cfg.method].policy_gradient
+    buffers = LOSS_BUFFERS["sft" if divergence_of(cfg) is None else "fkl" if closed_form else "autograd"]
     buffers += act == 2  # under bf16 autocast, half-size bf16 logits and dz on their way into and out of them
     rows.append((f"loss: {buffers} ({cfg.chunk_size} x vocab) fp32 buffers + fp32 lm_head gradient",
                  4 * (buffers * cfg.chunk_size * s.vocab_size + s.vocab_size * s.hidden_size)))
@@ -1589,11 +1758,18 @@ def memory_plan(cfg, configs, world):
     rows.append((f"activations {cfg.batch_size} x {cfg.max_len}, {'bf16' if act == 2 else 'fp32'}, "
                  f"checkpointing={'on' if cfg.grad_checkpointing else 'off'}",
                  qwen.activation_bytes(s, tokens, act, cfg.grad_checkpointing)))
-    if cfg.on_policy:  # the longest prompt + the longest sample; held while the student samples, before the
-        # step's forward (counted as if at the peak: a bound), while the frozen models stay loaded
+    if on_policy_of(cfg):  # the longest prompt + the longest sample; held while the student samples, before the
+        # step's forward (counted as if at the peak: a bound), while the frozen models stay loaded. The cache is in
+        # the autocast dtype, else the weights' (Qwen.empty_kv_cache)
         L = cfg.max_len + min(cfg.on_policy_max_new_tokens, cfg.max_len)
-        rows.append((f"on-policy sampling: the student's KV cache, {cfg.batch_size} x {L} at most, fp32 (its "
-                     "weights' dtype)", qwen.kv_cache_bytes(s, cfg.batch_size * L, 4)))
+        rows.append((f"on-policy sampling: the student's KV cache, {cfg.batch_size} x {L} at most, "
+                     f"{'bf16' if act == 2 else 'fp32'}", qwen.kv_cache_bytes(s, cfg.batch_size * L, act)))
+    if METHODS[cfg.method].policy_gradient:  # the teacher samples in lockstep; its hidden states serve every PPO pass
+        t = configs["teacher_ft"]
+        rows.append(("MiniLLM: the teacher's KV cache while sampling",
+                     qwen.kv_cache_bytes(t, cfg.batch_size * L, 2 if act == 2 else dtype_bytes)))
+        rows.append((f"MiniLLM: the teacher's hidden states of {cfg.grad_accum} rollout micro-batch(es), {cfg.teacher_dtype}",
+                     cfg.grad_accum * cfg.batch_size * cfg.max_len * t.hidden_size * dtype_bytes))
     return rows
 
 
@@ -1605,9 +1781,11 @@ def dry_run(cfg):
     configs = {r: qwen.QwenConfig.from_json(os.path.join(p, "config.json")) for r, p in dirs.items()}
     rows = memory_plan(cfg, configs, world)
     T, s = cfg.max_len, configs["student"]
+    minillm = METHODS[cfg.method].policy_gradient  # as step_flops: PPO passes; the sampling's (and scoring's) forwards
     flops = world * cfg.grad_accum * cfg.batch_size * T * (
-        qwen.flops_per_token(s, T, train=True) + cfg.on_policy * qwen.flops_per_token(s, T, train=False)  # sampling
-        + sum(qwen.flops_per_token(c, T, train=False) for r, c in configs.items() if r != "student"))
+        (cfg.ppo_epochs if minillm else 1) * qwen.flops_per_token(s, T, train=True)
+        + on_policy_of(cfg) * (1 + minillm) * qwen.flops_per_token(s, T, train=False)
+        + (1 + minillm) * sum(qwen.flops_per_token(c, T, train=False) for r, c in configs.items() if r != "student"))
     other = qwen.activation_bytes(s, cfg.batch_size * T, activation_dtype_bytes(cfg), not cfg.grad_checkpointing)
     print(f"memory plan per GPU (world size {world}, --method={cfg.method}"
           f"{', stored targets' if cfg.targets_dir else ''}):")
@@ -1615,7 +1793,8 @@ def dry_run(cfg):
         print(f"  {item:<78} {b / 1e9:7.2f} GB")
     print(f"  {'total':<78} {sum(b for _, b in rows) / 1e9:7.2f} GB")
     print(f"  (activations with checkpointing {'off' if cfg.grad_checkpointing else 'on'} instead: {other / 1e9:.2f} GB)")
-    print(f"model FLOPs per optimizer step (all ranks, every sequence {T} tokens): {flops:.3e}")
+    print(f"model FLOPs per optimizer step{' (MiniLLM, per rollout batch of --ppo_epochs updates)' if minillm else ''} "
+          f"(all ranks, every sequence {T} tokens): {flops:.3e}")
     return rows
 
 # -----------------------------------------------------------------------------
@@ -1637,16 +1816,22 @@ class DemoSettings:
                                                                     batch_size=16))
     distill: dict = dataclasses.field(default_factory=lambda: dict(max_steps=400, lr=3e-3, warmup_steps=10,
                                                                    batch_size=16))
-    full_seeds: int = 3         # --full_comparison=true: the seeds, Delta-KD's alphas and its stored top-k run
-    full_alphas: tuple = (0.0, 0.5, 1.0)
+    minillm_steps: int = 100    # rollout batches, each --ppo_epochs (4) updates: as many updates as the others,
+    minillm_lr_ratio: float = 0.5  # at half their lr (LMOps: MiniLLM 5e-6 after SFT at 1e-5)
+    full_seeds: int = 3         # --full_comparison=true: the seeds, Delta-KD's alphas and its stored top-k run,
+    full_alphas: tuple = (0.0, 0.5, 1.0)  # its on-policy run and MiniLLM
     full_topk: int = 16
+    full_on_policy: float = 0.5
 
 
 DEMO = DemoSettings()
 TASK_INSTRUCTION = "What does this problem ask? Answer with its question sentence.\n\n"
 DEMO_NAMES = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
               "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
-              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD", "references": "Reference answers (sanity only)"}
+              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD", "student-minillm": "MiniLLM (from the SFT student)",
+              "teacher-ft-own": "Teacher (finetuned), on its own finetuning problems",
+              "teacher-ft-distill": "Teacher (finetuned), on the distillation problems",
+              "references": "Reference answers (sanity only)"}
 
 
 def demo_task(row):
@@ -1680,16 +1865,20 @@ def demo(cfg):
     tok = Tokenizer.from_file(os.path.join(raw, "tokenizer.json"))
     task = [demo_task(r) for r in data.read_rows(DEMO.task_data)]
     train_rows, eval_rows = data.split_rows(task, DEMO.eval_size, cfg.seed)
+    # the teacher is finetuned on half the training problems and the students distilled on the other half: on
+    # problems it was finetuned on, the teacher has memorised the answers, and its targets would be the labels
+    distill_rows, teacher_rows = data.split_rows(train_rows, len(train_rows) // 2, cfg.seed)
     # evaluation skips problems too long for max_len: so do the baselines, on the same problems
     eval_rows = [r for r in eval_rows if data.eval_examples([r], tok, DEMO.max_len, cfg.system_prompt)]
-    for name, rows in (("task_train.jsonl", train_rows), ("task_eval.jsonl", eval_rows)):
+    for name, rows in (("task_teacher.jsonl", teacher_rows), ("task_distill.jsonl", distill_rows),
+                       ("task_eval.jsonl", eval_rows)):
         with open(os.path.join(root, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     results = {}  # name -> {seed: scores}
     for seed in seeds:
         demo_seed(cfg, seed, results)
     refs = [r["messages"][1]["content"] for r in eval_rows]
-    for name, preds in trivial_baselines(train_rows, eval_rows).items():
+    for name, preds in trivial_baselines(distill_rows, eval_rows).items():
         results[f"baseline: {name}"] = {"-": {**rouge_f1(refs, preds), **answer_sanity(preds)}}
     results["references"] = {"-": answer_sanity(refs)}  # a perfect copier's sanity: some questions repeat a 4-gram
     table = demo_table(results)
@@ -1710,28 +1899,37 @@ def demo_seed(cfg, seed, results):
     raw = cfg.demo_raw_models or DEMO.raw_models
     raw_teacher, raw_student = demo_raw_model(raw, seed, "teacher"), demo_raw_model(raw, seed, "student")
     teacher_ft = checkpoint_dir(os.path.join(root, "teacher-ft"), DEMO.finetune["max_steps"])
-    task_train, task_eval = (os.path.join(cfg.out_dir, f) for f in ("task_train.jsonl", "task_eval.jsonl"))
+    task_teacher, task_distill, task_eval = (os.path.join(cfg.out_dir, f"task_{f}.jsonl") for f in ("teacher", "distill", "eval"))
     alphas, topk = (DEMO.full_alphas, DEMO.full_topk) if cfg.full_comparison else ((cfg.alpha,), 0)
-    students = [(m, {"method": m}) for m in ("sft", "fkl", "rkl", "seqkd")]
-    students += [(f"delta-a{a:g}", {"method": "delta", "alpha": a}) for a in alphas]
-    if cfg.on_policy:  # `python deltakd.py --on_policy=P`: on-policy forward KL and Delta-KD beside the off-policy ones
-        students += [(f"{name}-onpolicy{cfg.on_policy:g}", {"method": m, "alpha": cfg.alpha, "on_policy": cfg.on_policy})
-                     for name, m in (("fkl", "fkl"), (f"delta-a{cfg.alpha:g}", "delta"))]
+    students = {m: {"method": m} for m in ("sft", "fkl", "rkl", "seqkd")}
+    students.update({f"delta-a{a:g}": {"method": "delta", "alpha": a} for a in alphas})
+    on_policy = cfg.on_policy or (DEMO.full_on_policy if cfg.full_comparison else 0)
+    if on_policy:  # on-policy Delta-KD beside the off-policy one (and with --on_policy=P, on-policy forward KL)
+        on_policy_methods = [(f"delta-a{cfg.alpha:g}", "delta")] + [("fkl", "fkl")] * bool(cfg.on_policy)
+        students.update({f"{name}-onpolicy{on_policy:g}": {"method": m, "alpha": cfg.alpha, "on_policy": on_policy}
+                         for name, m in on_policy_methods})
     if topk:
-        students.append((f"delta-a{cfg.alpha:g}-top{topk}", {"method": "delta", "alpha": cfg.alpha, "topk": topk,
-                         "targets_dtype": "float32", "targets_dir": os.path.join(root, "targets")}))
+        students[f"delta-a{cfg.alpha:g}-top{topk}"] = {"method": "delta", "alpha": cfg.alpha, "topk": topk,
+                                                        "targets_dtype": "float32", "targets_dir": os.path.join(root, "targets")}
+    if cfg.full_comparison:  # from the SFT student, as its authors start it (README)
+        students["minillm"] = {"method": "minillm", "max_steps": DEMO.minillm_steps,
+                               "lr": DEMO.distill["lr"] * DEMO.minillm_lr_ratio,
+                               "student": checkpoint_dir(os.path.join(root, "student-sft"), DEMO.distill["max_steps"])}
     stages = [("raw-teacher", dict(student=raw_teacher, eval_only=True)),  # what finetuning and distillation start from
               ("raw-student", dict(student=raw_student, eval_only=True)),
-              ("teacher-ft", dict(student=raw_teacher, train_data=task_train, **DEMO.finetune))]
+              ("teacher-ft", dict(student=raw_teacher, train_data=task_teacher, **DEMO.finetune)),
+              # how much the teacher knows beyond the labels of the students' problems, and of its own (teacher-forced)
+              ("teacher-ft-own", dict(student=teacher_ft, eval_only=True, eval_data=task_teacher, eval_max_new_tokens=0)),
+              ("teacher-ft-distill", dict(student=teacher_ft, eval_only=True, eval_data=task_distill, eval_max_new_tokens=0))]
     stages += [(f"student-{name}", {"student": raw_student, "teacher_ft": teacher_ft, "teacher_raw": raw_teacher,
-                                    "train_data": task_train, **DEMO.distill, **kw}) for name, kw in students]
+                                    "train_data": task_distill, **DEMO.distill, **kw}) for name, kw in students.items()]
     for name, kw in stages:
         t0 = time.time()
         scores = demo_stage(cfg, os.path.join(root, name), seed=seed, tokenizer=os.path.join(raw, "tokenizer.json"),
-                            eval_data=task_eval, **kw)
+                            **{"eval_data": task_eval, **kw})
         results.setdefault(name, {})[seed] = scores
         print(f"  seed {seed} {name:<22} {time.time() - t0:5.1f}s  " +
-              " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "distinct")))
+              " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "entropy", "distinct") if k in scores))
 
 
 def demo_stage(cfg, out_dir, **overrides):
@@ -1777,7 +1975,7 @@ def demo_label(name):
 def demo_table(results):
     # mean (± std over seeds where there are several) of every figure, one row per stage
     cols = [("ROUGE-1", "rouge1", "{:.4f}"), ("ROUGE-2", "rouge2", "{:.4f}"), ("ROUGE-L", "rougeL", "{:.4f}"),
-            ("sampled ROUGE-L", "sampled_rougeL", "{:.4f}"), ("NLL", "nll", "{:.3f}"),
+            ("sampled ROUGE-L", "sampled_rougeL", "{:.4f}"), ("NLL", "nll", "{:.3f}"), ("entropy", "entropy", "{:.3f}"),
             ("KL(teacher ‖ model)", "kl_teacher", "{:.3f}"), ("top-1 = teacher", "top1_teacher", "{:.1%}"),
             ("distinct", "distinct", "{:.0%}"), ("repeated 4-grams", "repeated_4grams", "{:.0%}"),
             ("sound", "sound", "{:.0%}"), ("words", "words", "{:.1f}")]

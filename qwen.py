@@ -18,10 +18,11 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -174,8 +175,8 @@ class Attention(nn.Module):
             # static KV cache (B, n_kv_head, L, head_dim): write this input's keys/values at cache_pos (T,),
             # attend over all L slots (mask says which are real): every shape is fixed, as CUDA graphs need
             k_cache, v_cache = cache
-            k_cache.index_copy_(2, cache_pos, k)
-            v_cache.index_copy_(2, cache_pos, v)
+            k_cache.index_copy_(2, cache_pos, k.to(k_cache.dtype))  # under autocast, RoPE's fp32 cos makes k fp32
+            v_cache.index_copy_(2, cache_pos, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
         # mask None means plain causal attention (no padding on the left), which lets SDPA pick flash kernels
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -280,6 +281,19 @@ def cut_after_eos(rows, eos_ids):
     # each row up to and including its first eos (the slots after it hold PAD_ID)
     return [row[:next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
 
+def mixture(logits, sampling, mix_in):
+    """log((1 - a) softmax(z / T) + a softmax(z_mix / T)) from [z, z_mix] (B, V): the mixed distribution as
+    logits (at T = 1 when greedy)."""
+    a, T = mix_in[1], sampling.temperature or 1.0
+    own, other = (F.log_softmax(z / T, dim=-1) for z in logits)
+    log_weight = [math.log1p(-a) if a < 1 else float("-inf"), math.log(a) if a > 0 else float("-inf")]
+    return torch.logaddexp(own + log_weight[0], other + log_weight[1])
+
+
+def mixed_sampling(sampling):
+    # the mixture is already at the temperature: sampled as it is (or its argmax when greedy)
+    return replace(sampling, temperature=1.0 if sampling.temperature > 0 else 0.0)
+
 # -----------------------------------------------------------------------------
 # the model with its head: forward, generation, loading and saving
 
@@ -324,48 +338,56 @@ class Qwen(nn.Module):
     # generation
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_token_id, sampling=Sampling(), vocab_limit=None):
+    def generate(self, prompts, max_new_tokens, eos_token_id, sampling=Sampling(), vocab_limit=None, mix_in=None):
         """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
         shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim.
         prompts: list of token-id lists (any lengths, left-padded internally). Greedy by default, else
         as `sampling` says. Stops a row at any id in eos_token_id (an int or a list). Ids >= vocab_limit
-        (Qwen's padded embedding rows, beyond the tokenizer) are never emitted. Returns one list per
-        prompt of the new ids, including the eos id when one was emitted."""
+        (Qwen's padded embedding rows, beyond the tokenizer) are never emitted. mix_in=(model, a): each
+        token comes from (1 - a) softmax(z / T) + a softmax(z_mix / T), z_mix the logits of that model (same
+        tokenizer), run in lockstep with its own KV cache (MiniLLM's teacher-mixed sampling). Returns one
+        list per prompt of the new ids, including the eos id when one was emitted."""
         if min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
         dev = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         ids, key_mask = (t.to(dev) for t in left_pad(prompts, P + max_new_tokens))
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
-        cache = self.empty_kv_cache(B, P + max_new_tokens)
+        models = [self] + ([mix_in[0]] if mix_in else [])
+        caches = [m.empty_kv_cache(B, P + max_new_tokens) for m in models]
         gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
         V = vocab_limit or self.config.vocab_size
 
         # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
         pos_ids = position_ids_from_mask(key_mask[:, :P])
-        h = self.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=cache,
-                               cache_pos=torch.arange(P, device=dev))
-        logits = F.linear(h[:, -1], self.lm_head.weight[:V]).float()  # (B, V): the real vocabulary only
+        logits = [F.linear(m.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=c,
+                                           cache_pos=torch.arange(P, device=dev))[:, -1], m.lm_head.weight[:V]).float()
+                  for m, c in zip(models, caches)]  # (B, V) each: the real vocabulary only
         out = torch.full((B, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         pos_ids = pos_ids[:, -1:]
         n = 0
         for n in range(max_new_tokens):
-            nxt = torch.where(done, PAD_ID, sample(logits, sampling, gen))
+            nxt = torch.where(done, PAD_ID, sample(mixture(logits, sampling, mix_in) if mix_in else logits[0],
+                                                   mixed_sampling(sampling) if mix_in else sampling, gen))
             out[:, n] = nxt
             done |= torch.isin(nxt, eos)
             if n == max_new_tokens - 1 or bool(done.all()):
                 break
             key_mask[:, P + n] = True
             pos_ids = pos_ids + 1
-            logits = self.decode_step(nxt[:, None], pos_ids, key_mask[:, None, None, :], cache,
-                                      torch.tensor([P + n], device=dev), V)
+            logits = [m.decode_step(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
+                                    torch.tensor([P + n], device=dev), V) for m, c in zip(models, caches)]
         return cut_after_eos(out[:, :n + 1].tolist(), set(eos.tolist()))
 
     def empty_kv_cache(self, B, L):
-        # one (k, v) pair per layer, each (B, n_kv_head, L, head_dim); zeros: masked slots must hold no NaN
+        """One (k, v) pair per layer, each (B, n_kv_head, L, head_dim), in the dtype attention computes in: the
+        autocast dtype under autocast (an fp32 student sampling under bf16 autocast: a bf16 cache), else the
+        weights'. Zeros: masked slots must hold no NaN."""
         shape = (B, self.config.num_key_value_heads, L, self.config.head_dim)
-        like = dict(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        dev = self.lm_head.weight.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.lm_head.weight.dtype
+        like = dict(device=dev, dtype=dtype)
         return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers]
 
     def decode_step(self, x, position_ids, mask, cache, cache_pos, vocab_limit):

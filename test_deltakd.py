@@ -1311,8 +1311,9 @@ def test_config_overrides_are_type_checked_and_unknown_keys_named():
         deltakd.parse_args(["--batch_size=two"])
     with pytest.raises(SystemExit, match="--zero=maybe: expected bool"):
         deltakd.parse_args(["--zero=maybe"])
-    with pytest.raises(SystemExit, match="--method=minillm"):
-        deltakd.parse_args(["--method=minillm"])
+    with pytest.raises(SystemExit, match=re.escape("--method=gkd: expected one of sft, fkl, rkl, delta, seqkd, "
+                                                   "minillm")):
+        deltakd.parse_args(["--method=gkd"])
 
 
 @pytest.fixture(scope="module")
@@ -1348,7 +1349,7 @@ def weights(ckpt):
 def test_training_writes_hf_checkpoints_metrics_and_eval(run_dir, tmp_path):
     scores = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=4, save_every=1, keep_last=2)))
     assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "distinct", "repeated_4grams", "sound", "words",
-                           "nll", "kl_teacher", "top1_teacher"}
+                           "nll", "entropy", "kl_teacher", "top1_teacher"}
     ckpts = deltakd.checkpoints(str(tmp_path))
     assert [os.path.basename(c) for c in ckpts] == ["ckpt-0000003", "ckpt-0000004"]  # keep_last
     ours = qwen.Qwen.from_pretrained(ckpts[-1]).eval()
@@ -1404,7 +1405,7 @@ def test_teacher_forced_scores_equal_a_per_example_float64_reference(run_dir, to
     examples, run = data.eval_examples(rows, tokenizer, cfg.max_len, cfg.system_prompt), run_of(cfg)
     student, teacher = (qwen.Qwen.from_pretrained(str(run_dir / n)).eval() for n in ("student", "teacher_ft"))
     got = deltakd.forced_scores(run, student, teacher, examples)
-    nll = kl = agree = n = 0.0
+    nll = kl = agree = entropy = n = 0.0
     for r in rows:
         text = data.render_chat(data.first_exchange(r), cfg.system_prompt)
         assert text.endswith("<|im_end|>\n")
@@ -1417,14 +1418,16 @@ def test_teacher_forced_scores_equal_a_per_example_float64_reference(run_dir, to
         y = ids[0, start:]
         logq, logp = zq.log_softmax(-1), zp.log_softmax(-1)
         nll += -logq.gather(1, y[:, None]).sum().item()
+        entropy += -(logq.exp() * logq).sum().item()
         kl += (logp.exp() * (logp - logq)).sum().item()
         agree += (zq.argmax(-1) == zp.argmax(-1)).sum().item()
         n += len(y)
     assert math.isclose(got["nll"], nll / n, rel_tol=1e-5) and math.isclose(got["kl_teacher"], kl / n, rel_tol=1e-4)
+    assert math.isclose(got["entropy"], entropy / n, rel_tol=1e-5)
     assert got["top1_teacher"] == agree / n
     itself = deltakd.forced_scores(run, teacher, teacher, examples)
     assert itself["top1_teacher"] == 1.0 and abs(itself["kl_teacher"]) < 1e-6
-    assert set(deltakd.forced_scores(run, student, None, examples)) == {"nll"}
+    assert set(deltakd.forced_scores(run, student, None, examples)) == {"nll", "entropy"}
 
 
 def test_sampled_evaluation_is_scored_beside_greedy_and_reproducible_per_seed(run_dir, tmp_path):
@@ -1549,7 +1552,7 @@ def run_one_thread(argv, nproc=0):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
 
-@pytest.mark.parametrize("variant", ["ddp", "zero", "stored_targets", "bf16_autocast", "on_policy"])
+@pytest.mark.parametrize("variant", ["ddp", "zero", "stored_targets", "bf16_autocast", "on_policy", "minillm"])
 def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_dir, tmp_path, variant):
     # both sides in child processes with one thread each (torchrun's default), so the fp32 reduction
     # order, and with it the result to the last bit, does not depend on this machine's thread count
@@ -1559,6 +1562,8 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_
         common["autocast"] = "bf16"
     if variant == "on_policy":  # each rank samples its micro-batches with the seeds one rank would use
         common.update(on_policy=0.5, on_policy_max_new_tokens=8)
+    if variant == "minillm":  # every micro-batch sampled; the advantages whitened over both ranks' samples
+        common.update(method="minillm", on_policy_max_new_tokens=8)
     r = run_one_thread(args(run_dir, tmp_path / "two", grad_accum=1, zero=variant == "zero", **stored("t2"), **common),
                        nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1575,8 +1580,10 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_
     assert [m["supervised_tokens"] for m in one[:3]] == [m["supervised_tokens"] for m in two[:3]]
     if variant == "on_policy":
         assert [m["sampled"] for m in one[:3]] == [m["sampled"] for m in two[:3]] == [0.5, 0.5, 0.0]
+    if variant == "minillm":  # the mean reward of the step's rollout batch, over both ranks
+        assert all(math.isclose(a["reward"], b["reward"], rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(one[:3], two[:3]))
     ev1, ev2 = one[-1]["eval"], two[-1]["eval"]
-    forced = ("nll", "kl_teacher", "top1_teacher")  # fp32 sums over another split and padding of the examples
+    forced = ("nll", "entropy", "kl_teacher", "top1_teacher")  # fp32 sums over another split and padding of examples
     assert {k: v for k, v in ev1.items() if k not in forced} == {k: v for k, v in ev2.items() if k not in forced}
     assert set(forced) <= set(ev1) and all(math.isclose(ev1[k], ev2[k], rel_tol=1e-5) for k in forced)
 
@@ -2121,10 +2128,345 @@ def test_dry_run_counts_on_policy_sampling(capsys):
     flops_on = float(capsys.readouterr().out.split("optimizer step")[1].split(":")[1].split()[0])
     s = qwen.QwenConfig.from_json(os.path.join(A, "Qwen2.5-1.5B", "config.json"))
     assert on[:-1] == off and "KV cache" in on[-1][0]
-    # fp32 k and v of 4 rows, each at most the longest prompt (< max_len) + the longest sample (256 by default)
-    assert on[-1][1] == 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * 4 * (2048 + 256) * 4
+    # k and v of 4 rows, each at most the longest prompt (< max_len) + the longest sample (256 by default), in bf16:
+    # on a GPU the student samples under bf16 autocast, which Qwen.empty_kv_cache follows
+    assert on[-1][1] == 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * 4 * (2048 + 256) * 2
     # printed to 4 digits
     assert math.isclose(flops_on - flops_off, 4 * 2048 * qwen.flops_per_token(s, 2048, train=False), rel_tol=1e-2)
+
+
+# -----------------------------------------------------------------------------
+# MiniLLM (--method=minillm): rewards, reward-to-go, importance weights, PPO's clipped term, the loss
+
+
+# a fixed rollout of three right-padded samples (T = 9): a one-token answer, an answer cut at max length (no stop
+# token: it runs to the last position) and a three-token one; (first, end): the columns holding the answer
+ANSWERS = [(4, 5), (3, 9), (5, 8)]
+
+
+def minillm_labels(V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((len(ANSWERS), 9), -100)
+    for b, (first, end) in enumerate(ANSWERS):
+        labels[b, first:end] = torch.randint(0, V, (end - first,), generator=g)
+    return labels
+
+
+def ref_reward_to_go(rewards, lengths, gamma):
+    # one sequence at a time, its supervised tokens in order: R_t = sum_{k >= t} gamma^(k - t) r_k / (n - t)
+    out, start = [], 0
+    for n in lengths:
+        r = [float(x) for x in rewards[start:start + n]]
+        out += [sum(gamma ** (k - t) * r[k] for k in range(t, n)) / (n - t) for t in range(n)]
+        start += n
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_minillm_rewards_are_clipped_and_the_reward_to_go_is_discounted_and_normalised_per_sequence():
+    labels = minillm_labels()
+    mask, lengths = labels[:, 1:] != -100, [end - first for first, end in ANSWERS]
+    g = torch.Generator().manual_seed(1)
+    logp, logq = -6 * torch.rand(sum(lengths), generator=g), -6 * torch.rand(sum(lengths), generator=g)
+    cfg = deltakd.Config(reward_scaling=0.5, reward_clip=3.0)
+    r = deltakd.minillm_rewards(logp, logq, cfg)
+    want = [max(-3.0, min(3.0, (p - q) / 0.5)) for p, q in zip(logp.double().tolist(), logq.double().tolist())]
+    assert torch.allclose(r.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert (r == 3.0).any() and (r == -3.0).any() and (r.abs() < 3).any()  # both clips and the plain formula
+    R = deltakd.reward_to_go(r, mask, 0.95)
+    assert R.dtype == torch.float64 and torch.allclose(R, ref_reward_to_go(r, lengths, 0.95), rtol=1e-12, atol=1e-12)
+    assert R[0] == r[0]  # a one-token answer: R = r
+    # every token of the cut answer counts: its first return is the discounted sum of all six over six
+    assert math.isclose(R[1].item(), sum(0.95 ** k * r[1 + k].item() for k in range(6)) / 6, rel_tol=1e-12)
+    # the padding after a short answer leaks nothing into it: alone in its batch, the same returns
+    assert torch.equal(deltakd.reward_to_go(r[7:], mask[2:], 0.95), R[7:])
+    remaining = torch.cat([torch.arange(n, 0, -1) for n in lengths]).double()  # n_t, r_t's own token included
+    assert torch.equal(deltakd.reward_to_go(r, mask, 0.0), r.double() / remaining)  # gamma 0: r_t / n_t
+
+
+def test_importance_weights_are_the_students_probability_over_the_mixtures():
+    g = torch.Generator().manual_seed(2)
+    logq, logp = -5 * torch.rand(20, generator=g), -5 * torch.rand(20, generator=g)
+    for mix in (0.2, 0.5):
+        q, p = logq.double().exp(), logp.double().exp()
+        w = deltakd.importance_weights(logq, logp, mix)
+        assert torch.allclose(w.double(), q / ((1 - mix) * q + mix * p), rtol=1e-6)
+        assert (w <= 1 / (1 - mix) + 1e-6).all() and (w < 1).any() and (w > 1).any()
+    assert torch.equal(deltakd.importance_weights(logq, logp, 0.0), torch.ones(20))  # no teacher mixed in
+
+
+# (ratio, advantage) pairs on both sides of [1 - c, 1 + c] = [0.8, 1.2] with either sign, and inside it
+RATIOS = [(0.5, 1.3), (0.5, -0.7), (1.6, 0.9), (1.6, -1.1), (0.9, 0.4), (1.0, -1.7), (1.1, -2.0), (0.6, -0.3),
+          (1.35, 0.6), (0.95, -0.8)]
+
+
+def ppo_rows(logq_y, seed=0):
+    # (log q_old, A, w) rows that give log q_theta(y) = logq_y the ratios of RATIOS: log q_old = log q + log(w / rho)
+    w = 0.5 + 0.75 * torch.rand(len(logq_y), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    rho, adv = (torch.tensor(c, dtype=torch.float64) for c in zip(*RATIOS[:len(logq_y)]))
+    return torch.stack([logq_y.double() + torch.log(w / rho), adv, w], 1)
+
+
+def test_long_term_term_is_ppos_clipped_surrogate_whose_clipped_side_is_flat():
+    logq = -4 * torch.rand(len(RATIOS), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ppo = ppo_rows(logq)
+    value, g = deltakd.long_term_term(logq, ppo, 0.2)
+    want_value = 0.0
+    for (rho, adv), got in zip(RATIOS, g.tolist()):
+        unclipped, clipped = -adv * rho, -adv * min(max(rho, 0.8), 1.2)
+        want_value += max(unclipped, clipped)
+        # d/d log q of -A rho is -A rho; where the clipped side is the larger, the term is flat in q
+        want = -adv * rho if unclipped >= clipped else 0.0
+        assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-12), (rho, adv, got, want)
+    assert math.isclose(value.item(), want_value, rel_tol=1e-12)
+    assert (g == 0).sum() == 4  # ratios 0.5 (A < 0), 0.6 (A < 0), 1.6 (A > 0), 1.35 (A > 0): clipped
+    # ... and autograd of the value agrees with g (the dense path differentiates the value)
+    x = logq.clone().requires_grad_()
+    deltakd.long_term_term(x, ppo, 0.2)[0].backward()
+    assert torch.allclose(x.grad, g, rtol=1e-12, atol=1e-12)
+
+
+def minillm_inputs(V=50, seed=0):
+    """A rollout's student hidden states and head (4 padded vocab rows holding huge values), the teacher's (9
+    padded rows), labels, and PPO rows (N, 3) whose ratios at these weights are RATIOS."""
+    g = torch.Generator().manual_seed(seed)
+    labels = minillm_labels(V, seed)
+    h, W = torch.randn(3, 9, 16, generator=g) / 4, torch.randn(V + 4, 16, generator=g)
+    W[V:] = 1e4
+    th, tw = torch.randn(3, 9, 24, generator=g) / 4, torch.randn(V + 9, 24, generator=g)
+    tw[V:] = -1e4 * torch.rand(9, 24, generator=g)
+    mask = labels[:, 1:] != -100
+    logq = torch.log_softmax(h[:, :-1][mask].double() @ W[:V].double().T, -1)
+    logq_y = logq.gather(1, labels[:, 1:][mask][:, None])[:, 0]
+    spec = deltakd.LossSpec(vocab=V, method="minillm", lam=0.0, divergence="rkl", chunk_size=4, ppo_clip=0.2)
+    return h, W, labels, {"teacher_ft": (th, tw)}, spec, ppo_rows(logq_y).float()
+
+
+def ref_minillm_loss(h, W, labels, teacher, ppo, clip, V):
+    # float64, autograd: sum_t KL(q || p) at every sampled prefix + PPO's clipped objective -sum min(rho A, clip(rho) A)
+    h, W = h.double().requires_grad_(), W.double().requires_grad_()
+    mask = labels[:, 1:] != -100
+    (th, tw), = teacher.values()
+    logq = torch.log_softmax(h[:, :-1][mask] @ W[:V].T, -1)
+    logp = torch.log_softmax(th[:, :-1][mask].double() @ tw[:V].double().T, -1)
+    kl = (logq.exp() * (logq - logp)).sum()
+    old, adv, w = ppo.double().unbind(1)
+    rho = w * torch.exp(logq.gather(1, labels[:, 1:][mask][:, None])[:, 0] - old)
+    pg = -torch.min(rho * adv, rho.clamp(1 - clip, 1 + clip) * adv).sum()
+    (kl + pg).backward()
+    return kl.item(), pg.item(), h.grad, W.grad
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_minillm_chunked_loss_equals_an_independent_float64_reference_and_the_dense_loss(compiled):
+    h, W, labels, teacher, spec, ppo = minillm_inputs()
+    kl, pg, want_h, want_W = ref_minillm_loss(h, W, labels, teacher, ppo, spec.ppo_clip, spec.vocab)
+    if compiled:
+        torch._dynamo.reset()
+    graphs = compiled_graphs()
+    for impl in ("chunked", "dense"):  # chunks of 4 over 10 rows: two full ones and a tail
+        x, y = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss, sft, kd, n = deltakd.distill_loss(x, y, labels, teacher, replace(spec, impl=impl, compile=compiled), ppo)
+        loss.backward()
+        assert n == 10 and sft == 0
+        assert math.isclose(kd.item(), kl, rel_tol=1e-5)
+        assert math.isclose(loss.item(), kl + pg, rel_tol=1e-5, abs_tol=1e-5 * (abs(kl) + abs(pg)))
+        for got, want in ((x.grad, want_h), (y.grad, want_W)):
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), impl
+        assert y.grad[spec.vocab:].abs().max() == 0  # padded vocab rows get no gradient
+    assert (compiled_graphs() > graphs) == compiled
+    assert abs(pg) > 0.3 * kl  # both terms weigh in the comparison
+
+
+def test_minillm_flags_are_refused_where_they_cannot_work(run_dir, tmp_path):
+    for argv, text in [(["--method=minillm", "--on_policy=0.5"], "--on_policy has no effect with --method=minillm "
+                                                                  "(it samples every micro-batch)"),
+                       (["--method=minillm", "--temperature=2"], "--method=minillm takes neither --temperature"),
+                       (["--method=minillm", "--lam=0.5"], "--method=minillm takes neither --temperature"),
+                       (["--method=minillm", "--on_policy_temperature=0.7"], "--method=minillm takes neither"),
+                       (["--ppo_clip=0.3"], "--ppo_clip go with --method=minillm"),
+                       (["--method=fkl", "--teacher_mix=0.1", "--reward_gamma=0.9"],
+                        "--reward_gamma --teacher_mix go with --method=minillm"),
+                       (["--method=minillm", "--ppo_epochs=0"], "--ppo_epochs=0: must be >= 1"),
+                       (["--method=minillm", "--teacher_mix=1"], "--teacher_mix=1.0: must be in [0, 1)"),
+                       (["--method=minillm", "--teacher_mix=-0.1"], "--teacher_mix=-0.1: must be in [0, 1)"),
+                       (["--method=minillm", "--ppo_clip=0"], "--ppo_clip=0.0: must be > 0"),
+                       (["--method=minillm", "--reward_scaling=0"], "--reward_scaling=0.0: must be > 0"),
+                       (["--method=minillm", "--reward_gamma=1.5"], "--reward_gamma=1.5: must be in [0, 1]"),
+                       (["--method=minillm", "--targets_dir=t"], "--method=minillm with --targets_dir: the samples "
+                                                                  "change at every step, so no stored target can score them")]:
+        with pytest.raises(SystemExit, match=re.escape(text)):
+            deltakd.parse_args(argv)
+    cfg = deltakd.parse_args(["--method=minillm", "--ppo_epochs=2", "--teacher_mix=0", "--on_policy_max_new_tokens=64"])
+    assert (cfg.ppo_epochs, cfg.teacher_mix, deltakd.on_policy_of(cfg)) == (2, 0.0, 1.0)
+    with pytest.raises(SystemExit, match=re.escape("--method=minillm needs --teacher_ft")):
+        deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "out", method="minillm", teacher_ft="")))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_teacher_mixed_sampling_is_the_students_at_mix_0_the_teachers_at_mix_1_and_their_mixture_between(tmp_path):
+    student, teacher = (qwen.Qwen.from_pretrained(hf_model(tmp_path, name, tie, n_head, 2, seed=seed)[1]).eval()
+                        for name, tie, n_head, seed in (("s", True, 4, 0), ("t", False, 6, 1)))
+    prompts, eos = [[5, 17, 42], [7], [100, 3, 9, 250, 11]], [299]
+    sampled = qwen.Sampling(temperature=1.0, seed=3)
+    alone = student.generate(prompts, 12, eos, sampled)
+    assert student.generate(prompts, 12, eos, sampled, mix_in=(teacher, 0.0)) == alone
+    greedy = teacher.generate(prompts, 12, eos)
+    assert student.generate(prompts, 12, eos, mix_in=(teacher, 1.0)) == greedy != student.generate(prompts, 12, eos)
+    # in between, the mixture of the two distributions at T (greedy: at 1), as its log-probabilities
+    g = torch.Generator().manual_seed(4)
+    z, zt = torch.randn(3, 40, generator=g) * 3, torch.randn(3, 40, generator=g) * 3
+    for a in (0.2, 0.5):
+        for T in (0.0, 0.7, 1.0, 2.0):
+            got = qwen.mixture([z, zt], qwen.Sampling(temperature=T), (teacher, a))
+            t = T or 1.0
+            want = torch.log((1 - a) * torch.softmax(z.double() / t, -1) + a * torch.softmax(zt.double() / t, -1))
+            assert torch.allclose(got.double(), want, atol=1e-5), (a, T)
+            # the mixture is sampled as it is (or its argmax when greedy)
+            assert qwen.mixed_sampling(qwen.Sampling(temperature=T, seed=9)) == qwen.Sampling(float(T > 0), seed=9)
+    # sampled at mix 0.5: tokens of both models' preferences, seeded
+    mixed = [student.generate(prompts, 12, eos, qwen.Sampling(temperature=1.0, seed=s), mix_in=(teacher, 0.5))
+             for s in (3, 3, 4)]
+    assert mixed[0] == mixed[1] != mixed[2]
+
+
+def test_generation_under_bf16_autocast_keeps_its_kv_cache_in_bf16_and_follows_the_fp32_greedy_tokens(tmp_path):
+    # as an fp32 student samples on a GPU (autocast bf16): keys and values are computed in bf16, and the static
+    # cache must take them (it once was fp32, the weights' dtype, and index_copy_ refused the bf16 values)
+    model = qwen.Qwen.from_pretrained(hf_model(tmp_path, "s", True, 4, 2, seed=0)[1]).eval()
+    prompts, eos = [[5, 17, 42], [7], [100, 3, 9, 250, 11]], [299]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for k, v in model.empty_kv_cache(2, 8) for t in (k, v)} == {torch.bfloat16}
+        bf16 = model.generate(prompts, 12, eos)
+        mixed = model.generate(prompts, 12, eos, qwen.Sampling(temperature=1.0, seed=1), mix_in=(model, 0.5))
+    assert {t.dtype for k, v in model.empty_kv_cache(2, 8) for t in (k, v)} == {torch.float32}
+    fp32 = model.generate(prompts, 12, eos)
+    # bf16 rounding may flip a near tie late in an answer: the first tokens agree
+    assert [a[:3] for a in bf16] == [a[:3] for a in fp32] and all(len(a) >= 1 for a in mixed)
+
+
+def minillm_run(run_dir, out, **kw):
+    # a MiniLLM run on the tiny models: a step's two micro-batches, each to be answered by the student, teacher mixed in
+    cfg = deltakd.parse_args(args(run_dir, out, method="minillm", grad_accum=2, on_policy_max_new_tokens=6,
+                                  eval_size=0, **kw))
+    run = deltakd.start(cfg)
+    cache, idx, _ = deltakd.load_data(run)
+    target, student = deltakd.load_target(run, cache), deltakd.build_student(run)
+    return run, target, student, deltakd.micro_batches(run, cache, [idx[:2], idx[2:4]])
+
+
+def test_minillm_rollouts_equal_a_float64_reference_whitened_over_the_step(run_dir, tmp_path):
+    run, target, student, micro = minillm_run(run_dir, tmp_path / "out")
+    cfg, V = run.cfg, run.spec.vocab
+    sampled, _ = deltakd.sample_answers(run, student.model, micro, 0, (target.frozen["teacher_ft"], cfg.teacher_mix))
+    assert all(b.sampled for b in sampled)
+    rollouts, reward = deltakd.minillm_rollouts(run, student, target, sampled)
+    models = {r: hf_float64(run_dir / r) for r in ("student", "teacher_ft")}  # the rollout's weights
+    logq, logp, lengths = [], [], []
+    for batch in sampled:
+        mask = batch.labels[:, 1:] != -100
+        att = (torch.arange(batch.input_ids.shape[1]) < torch.tensor(batch.lengths)[:, None]).long()
+        y = batch.labels[:, 1:][mask]
+        with torch.no_grad():
+            lp = {r: m(input_ids=batch.input_ids, attention_mask=att).logits[:, :-1][mask][:, :V].log_softmax(-1)
+                  .gather(1, y[:, None])[:, 0] for r, m in models.items()}
+        logq.append(lp["student"])
+        logp.append(lp["teacher_ft"])
+        lengths += mask.sum(1).tolist()
+    logq, logp = torch.cat(logq), torch.cat(logp)
+    r = ((logp - logq) / cfg.reward_scaling).clamp(-cfg.reward_clip, cfg.reward_clip)
+    R = ref_reward_to_go(r, lengths, cfg.reward_gamma)
+    A = (R - R.mean()) / torch.sqrt(R.var(unbiased=False) + 1e-8)  # over every supervised token of the step
+    q, p = logq.exp(), logp.exp()
+    got = torch.cat([x.ppo for x in rollouts]).double()
+    assert got.shape == (len(R), 3) and len(R) == sum(lengths)
+    assert torch.allclose(got[:, 0], logq, atol=1e-5)
+    assert torch.allclose(got[:, 1], A, atol=1e-4)
+    assert torch.allclose(got[:, 2], q / (0.8 * q + 0.2 * p), rtol=1e-5)
+    assert math.isclose(reward, r.mean().item(), rel_tol=1e-5, abs_tol=1e-5)
+    # whitened over the step (not per micro-batch): mean 0 and variance 1 over both micro-batches together
+    assert abs(got[:, 1].mean()) < 1e-6 and abs(got[:, 1].var(unbiased=False) - 1) < 1e-5
+    assert all(abs(x.ppo[:, 1].double().mean()) > 1e-3 for x in rollouts)
+
+
+def test_minillm_step_makes_ppo_epochs_updates_on_one_rollout_whose_first_ratio_is_one(run_dir, tmp_path, monkeypatch):
+    run, target, student, micro = minillm_run(run_dir, tmp_path / "out")
+    mix_in = (target.frozen["teacher_ft"], run.cfg.teacher_mix)
+    sampled, _ = deltakd.sample_answers(run, student.model, micro, 0, mix_in)  # what train_step samples: same seed
+    rollouts, reward = deltakd.minillm_rollouts(run, student, target, sampled)
+    calls, real = [], deltakd.long_term_term
+
+    def long_term_term(logq_y, ppo, clip):  # what each chunk of each pass reads
+        calls.append((logq_y.clone(), ppo.clone()))
+        return real(logq_y, ppo, clip)
+    monkeypatch.setattr(deltakd, "long_term_term", long_term_term)
+    steps, losses, real_loss = [], [], deltakd.distill_loss
+    monkeypatch.setattr(student.optimizer, "step", lambda real_step=student.optimizer.step:
+                        steps.append(student.optimizer.param_groups[0]["lr"]) or real_step())
+    monkeypatch.setattr(deltakd, "distill_loss", lambda *a: losses.append(real_loss(*a)) or losses[-1])
+    rec = deltakd.train_step(run, student, target, micro, 0, 10)
+    # 4 passes over the same 2 micro-batches (one chunk each), each pass one optimizer update at the step's lr
+    assert len(calls) == 4 * 2 and steps == [rec["lr"]] * 4 and rec["reward"] == reward
+    # the logged loss and KD term: the passes' mean, per supervised token of the step
+    n = sum(int((b.labels[:, 1:] != -100).sum()) for b in sampled)
+    assert rec["supervised_tokens"] == n
+    for i, key in ((0, "loss"), (2, "kd")):
+        assert math.isclose(rec[key], sum(out[i].item() for out in losses) / 4 / n, rel_tol=1e-6), key
+    for i, (logq_y, ppo) in enumerate(calls):
+        assert torch.equal(ppo, rollouts[i % 2].ppo)  # the rollout scored once, before the passes
+        moved = (logq_y - ppo[:, 0]).abs().max()
+        # the first pass: log q_theta = log q_old (ratio w q_theta / q_old = w); later ones: the updated student's
+        assert moved <= 1e-6 if i < 2 else moved > 1e-4, (i, moved)
+    # model FLOPs: 4 training passes, the student's and the teacher's forwards while sampling and scoring
+    s, t = (m.config for m in (student.model, target.frozen["teacher_ft"]))
+    want = sum(T * (4 * qwen.flops_per_token(s, T, train=True) + 2 * qwen.flops_per_token(s, T, train=False)
+                    + 2 * qwen.flops_per_token(t, T, train=False)) for b in sampled for T in b.lengths.tolist())
+    assert math.isclose(rec["flops"], want, rel_tol=1e-12) and rec["sft"] == 0
+
+
+def test_minillm_run_logs_its_reward_and_resumes_bit_exactly(run_dir, tmp_path):
+    common = dict(method="minillm", on_policy_max_new_tokens=6, grad_accum=2, max_steps=4, save_every=2, keep_last=10,
+                  eval_size=4, cache_dir=tmp_path / "cache")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    scores = deltakd.train(deltakd.parse_args(args(run_dir, straight, **common)))
+    assert {"rougeL", "nll", "entropy", "kl_teacher"} <= set(scores)
+    resumed.mkdir()
+    shutil.copytree(straight / "ckpt-0000002", resumed / "ckpt-0000002")  # as if killed after step 2
+    deltakd.train(deltakd.parse_args(args(run_dir, resumed, resume=True, **common)))
+    a, b = weights(straight / "ckpt-0000004"), weights(resumed / "ckpt-0000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl") if '"loss"' in x]  # noqa: E731
+    assert [(r["loss"], r["reward"]) for r in recs(straight)][2:] == [(r["loss"], r["reward"]) for r in recs(resumed)]
+    assert all(r["sampled"] == 1.0 and r["sft"] == 0 and math.isfinite(r["reward"]) for r in recs(straight))
+    assert len({r["reward"] for r in recs(straight)}) == 4  # a new rollout at every step
+    # MiniLLM's keys are part of the run a resume continues
+    with pytest.raises(SystemExit, match=re.escape("ppo_clip (0.2 -> 0.3)") + ".*--resume_allow=ppo_clip"):
+        deltakd.train(deltakd.parse_args(args(run_dir, resumed, resume=True, ppo_clip=0.3, **common)))
+
+
+def test_dry_run_counts_minillms_ppo_passes_and_its_teachers_sampling_and_scoring(capsys):
+    A = os.path.join(ASSETS, "qwen2.5")
+    argv = [f"--student={A}/Qwen2.5-1.5B", f"--teacher_ft={A}/Qwen2.5-7B-Instruct", "--max_len=2048", "--batch_size=4",
+            "--grad_accum=2", "--device=cuda", "--dry_run=true"]
+
+    def plan(*extra):
+        rows = deltakd.dry_run(deltakd.parse_args(argv + list(extra)))
+        return rows, float(capsys.readouterr().out.split("optimizer step")[1].split(":")[1].split()[0])
+    fkl, flops_fkl = plan("--method=fkl")
+    minillm, flops_minillm = plan("--method=minillm")
+    s, t = (qwen.QwenConfig.from_json(os.path.join(A, n, "config.json"))
+            for n in ("Qwen2.5-1.5B", "Qwen2.5-7B-Instruct"))
+    train_s, fwd_s, fwd_t = (qwen.flops_per_token(c, 2048, train=tr) for c, tr in ((s, True), (s, False), (t, False)))
+    tokens = 2 * 4 * 2048  # grad_accum x batch_size x max_len
+    assert math.isclose(flops_fkl, tokens * (train_s + fwd_t), rel_tol=1e-3)  # printed to 4 digits
+    # 4 PPO passes; the student forward twice (sampling, scoring) and the teacher twice (mixed into the sampling,
+    # scoring): the teacher's hidden states then serve every pass
+    assert math.isclose(flops_minillm, tokens * (4 * train_s + 2 * fwd_s + 2 * fwd_t), rel_tol=1e-3)
+    names = [name for name, _ in minillm]
+    assert [n for n in names if n.startswith("MiniLLM")] == names[-2:] and len(minillm) == len(fkl) + 3
+    kv, hidden = (b for _, b in minillm[-2:])
+    # the teacher's bf16 k and v of 4 rows of at most max_len + 256 sampled tokens; its hidden states of 2 micro-batches
+    assert kv == 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 4 * (2048 + 256) * 2
+    assert hidden == 2 * 4 * 2048 * t.hidden_size * 2
 
 
 def load_pretrain_script():
@@ -2143,7 +2485,8 @@ def shrink_demo(monkeypatch, raw_models, seeds=(1337,), **over):
     # assets/demo/pretrain.py (not the bundled ones); its full-size run is measured in the README (the
     # teacher gets enough finetuning to answer with text, so SeqKD has something to learn from)
     monkeypatch.setattr(deltakd, "DEMO", replace(deltakd.DEMO, eval_max_new_tokens=6, raw_models=str(raw_models),
-                                                 finetune=dict(max_steps=60, lr=3e-3, batch_size=8), **over))
+                                                 finetune=dict(max_steps=60, lr=3e-3, batch_size=8),
+                                                 **{"minillm_steps": 1, **over}))
     PRETRAIN.pretrain(str(raw_models), seeds, SHRUNK_PRETRAINING)
 
 
@@ -2161,14 +2504,18 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
     assert all(t.dtype == torch.bfloat16 for t in weights(tmp_path / "raw/seed1337/raw-teacher").values())
     stages = {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd",
               "student-delta-a1"}
+    forced = {"teacher-ft-own", "teacher-ft-distill"}  # the teacher, teacher-forced on either half of the training rows
     saved = json.load(open(tmp_path / "results.json"))
     assert saved == json.loads(json.dumps(results))
-    assert set(saved) == stages | {"baseline: most frequent answer", "baseline: nearest training answer", "references"}
+    assert set(saved) == stages | forced | {"baseline: most frequent answer", "baseline: nearest training answer",
+                                            "references"}
     for stage in stages:  # every figure of the table, for every stage, from its one seed
         s = saved[stage]["1337"]
-        assert {"rougeL", "sampled_rougeL", "nll", "distinct", "repeated_4grams", "sound", "words"} <= set(s)
+        assert {"rougeL", "sampled_rougeL", "nll", "entropy", "distinct", "repeated_4grams", "sound", "words"} <= set(s)
         assert ("kl_teacher" in s) == stage.startswith("student")
-        assert 0 <= s["rougeL"] <= 1 and s["nll"] > 0
+        assert 0 <= s["rougeL"] <= 1 and s["nll"] > 0 and s["entropy"] > 0
+    for stage in forced:  # --eval_max_new_tokens=0: nothing generated, the teacher-forced figures only
+        assert set(saved[stage]["1337"]) == {"nll", "entropy"} and not (tmp_path / stage / "eval-final.jsonl").exists()
     teacher_answers = [json.loads(x) for x in open(tmp_path / "teacher-ft" / "eval-final.jsonl")]
     refs = [a["reference"] for a in teacher_answers]
     assert saved["references"]["-"] == deltakd.answer_sanity(refs) and len(refs) == 6
@@ -2195,9 +2542,17 @@ def test_the_full_comparison_runs_every_seed_alpha_stored_targets_and_on_policy(
     deltakd.demo(deltakd.parse_args([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true", "--on_policy=1"]))
     saved = json.load(open(tmp_path / "results.json"))
     runs = {k for k in saved if not k.startswith("baseline") and k != "references"}
-    assert runs == {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl",
-                    "student-seqkd", "student-delta-a0", "student-delta-a1", "student-delta-a1-top4",
+    assert runs == {"raw-teacher", "raw-student", "teacher-ft", "teacher-ft-own", "teacher-ft-distill", "student-sft",
+                    "student-fkl", "student-rkl", "student-seqkd", "student-delta-a0", "student-delta-a1",
+                    "student-delta-a1-top4", "student-minillm",
                     "student-fkl-onpolicy1", "student-delta-a1-onpolicy1"}  # --on_policy: those two on-policy too
+    # MiniLLM: DEMO.minillm_steps rollout steps from the SFT student's checkpoint, its reward logged
+    minillm = tmp_path / "seed1338" / "student-minillm"
+    recs = [json.loads(x) for x in open(minillm / "metrics.jsonl") if '"loss"' in x]
+    assert len(recs) == 1 and recs[0]["sampled"] == 1.0 and math.isfinite(recs[0]["reward"])
+    identity = json.load(open(minillm / "ckpt-0000001" / "run.json"))["identity"]
+    assert identity["method"] == "minillm"
+    assert identity["student"] == str(tmp_path / "seed1338" / "student-sft" / "ckpt-0000001")
     sampled = [json.loads(x).get("sampled") for x in open(tmp_path / "seed1338" / "student-fkl-onpolicy1" / "metrics.jsonl")]
     assert sampled[0] == 1.0 and '"sampled":' not in open(tmp_path / "seed1338" / "student-fkl" / "metrics.jsonl").read()
     assert all(set(saved[k]) == {"1337", "1338"} for k in runs)  # every seed's figures
@@ -2207,6 +2562,63 @@ def test_the_full_comparison_runs_every_seed_alpha_stored_targets_and_on_policy(
     table = open(tmp_path / "results.md").read()
     assert table == deltakd.demo_table(saved) + "\n"
     assert "| Forward KL (on-policy p=1) |" in table and "| Delta-KD (α=1, on-policy p=1) |" in table
+    assert "| MiniLLM (from the SFT student) |" in table
+
+
+def demo_stages(out, monkeypatch, *argv):
+    # the stages the demo runs, none of them trained: {seed: {stage: demo_stage's keywords}}, in their order
+    calls = {}
+    monkeypatch.setattr(deltakd, "demo_stage", lambda cfg, out_dir, seed, **kw: calls.setdefault(seed, {}).update(
+        {os.path.basename(out_dir): dict(kw, root=os.path.dirname(out_dir))}) or {})
+    deltakd.demo(deltakd.parse_args([f"--out_dir={out}", "--quiet=true", *argv]))
+    return calls
+
+
+def test_the_demo_finetunes_the_teacher_and_distills_the_students_on_disjoint_halves(tmp_path, monkeypatch):
+    stages = demo_stages(tmp_path, monkeypatch)[1337]
+    rows = {n: [json.dumps(r) for r in data.read_rows(str(tmp_path / f"task_{n}.jsonl"))]
+            for n in ("teacher", "distill", "eval")}
+    train, _ = data.split_rows([deltakd.demo_task(r) for r in data.read_rows(deltakd.DEMO.task_data)],
+                               deltakd.DEMO.eval_size, 1337)
+    teacher, distill = set(rows["teacher"]), set(rows["distill"])
+    assert len(teacher) == len(rows["teacher"]) == len(train) // 2 and len(distill) == len(rows["distill"])
+    assert not teacher & distill and teacher | distill == {json.dumps(r) for r in train}  # disjoint, covering
+    assert not (teacher | distill) & set(rows["eval"])
+    path = lambda n: str(tmp_path / f"task_{n}.jsonl")  # noqa: E731
+    teacher_ft = deltakd.checkpoint_dir(str(tmp_path / "teacher-ft"), deltakd.DEMO.finetune["max_steps"])
+    assert list(stages) == ["raw-teacher", "raw-student", "teacher-ft", "teacher-ft-own", "teacher-ft-distill",
+                            "student-sft", "student-fkl", "student-rkl", "student-seqkd", "student-delta-a1"]
+    assert stages["teacher-ft"]["train_data"] == path("teacher")
+    for name, half in (("teacher-ft-own", "teacher"), ("teacher-ft-distill", "distill")):  # teacher-forced only
+        kw = stages[name]
+        assert (kw["student"], kw["eval_only"], kw["eval_data"], kw["eval_max_new_tokens"]) == (teacher_ft, True,
+                                                                                                 path(half), 0)
+    students = [kw for name, kw in stages.items() if name.startswith("student-")]
+    assert all((kw["train_data"], kw["teacher_ft"], kw["eval_data"]) == (path("distill"), teacher_ft, path("eval"))
+               for kw in students)
+
+
+def test_the_full_comparison_adds_minillm_from_the_sft_student_and_on_policy_delta_kd(tmp_path, monkeypatch):
+    full = demo_stages(tmp_path / "full", monkeypatch, "--full_comparison=true")
+    assert set(full) == set(range(1337, 1337 + deltakd.DEMO.full_seeds))
+    for seed, stages in full.items():
+        names = list(stages)
+        minillm, sft = stages["student-minillm"], stages["student-sft"]
+        assert (minillm["method"], minillm["max_steps"]) == ("minillm", deltakd.DEMO.minillm_steps)
+        # from the SFT student of the same seed, trained before it
+        assert minillm["student"] == deltakd.checkpoint_dir(os.path.join(sft["root"], "student-sft"),
+                                                            deltakd.DEMO.distill["max_steps"])
+        assert sft["root"] == str(tmp_path / "full" / f"seed{seed}")
+        assert names.index("student-sft") < names.index("student-minillm")
+        # on-policy Delta-KD at DEMO.full_on_policy, no on-policy forward KL
+        p = deltakd.DEMO.full_on_policy
+        assert [n for n in names if "onpolicy" in n] == [f"student-delta-a1-onpolicy{p:g}"]
+        assert {k: stages[f"student-delta-a1-onpolicy{p:g}"][k] for k in ("method", "alpha", "on_policy")} == \
+            {"method": "delta", "alpha": 1.0, "on_policy": p}
+    # --on_policy=P: both on-policy runs at P instead
+    given = demo_stages(tmp_path / "given", monkeypatch, "--full_comparison=true", "--on_policy=1")[1337]
+    assert sorted(n for n in given if "onpolicy" in n) == ["student-delta-a1-onpolicy1", "student-fkl-onpolicy1"]
+    assert given["student-fkl-onpolicy1"]["method"] == "fkl" and given["student-fkl-onpolicy1"]["on_policy"] == 1
 
 
 def test_the_bundled_raw_models_are_used_as_they_are(tmp_path):
@@ -2249,9 +2661,11 @@ def test_the_demo_refuses_torchrun_and_eval_only_refuses_no_model(tmp_path, monk
 
 
 def test_demo_table_shows_mean_and_std_over_seeds():
-    results = {"student-delta-a0.5": {1: {"rougeL": 0.25, "nll": 2.0, "distinct": 0.5},
-                                      2: {"rougeL": 0.35, "nll": 2.5, "distinct": 0.5}},
+    results = {"student-delta-a0.5": {1: {"rougeL": 0.25, "nll": 2.0, "entropy": 1.0, "distinct": 0.5},
+                                      2: {"rougeL": 0.35, "nll": 2.5, "entropy": 1.5, "distinct": 0.5}},
                "baseline: most frequent answer": {"-": {"rougeL": 0.1}}}
     table = deltakd.demo_table(results).splitlines()
-    assert table[2].startswith("| Delta-KD (α=0.5) | – | – | 0.3000 ± .0707 | – | 2.250 ± .354 | – | – | 50% ± 0% |")
+    assert table[0].startswith("| Method | ROUGE-1 | ROUGE-2 | ROUGE-L | sampled ROUGE-L | NLL | entropy | KL(")
+    assert table[2].startswith("| Delta-KD (α=0.5) | – | – | 0.3000 ± .0707 | – | 2.250 ± .354 | 1.250 ± .354 | – | "
+                               "– | 50% ± 0% |")
     assert table[3].startswith("| Baseline: most frequent answer | – | – | 0.1000 | – |")
