@@ -144,6 +144,7 @@ class Method:
     generator: str | None = None    # seqkd: the model whose greedy answers replace the training answers
     on_policy: float | None = None  # forced share of micro-batches sampled from the student; None: --on_policy
     policy_gradient: bool = False   # MiniLLM: the KD term (reverse KL) plus a PPO policy gradient on the samples
+    lr: float | None = None         # the method's own default --lr (where --lr is not given)
 
 
 # the one table of methods: everything else reads it
@@ -154,7 +155,7 @@ METHODS = {
     "delta": Method(divergence="fkl", divergence_flag=True, shift=True),
     "seqkd": Method(lam=1.0, generator="teacher_ft"),
     # LMOps' MiniLLM without its optional language-modelling term on a pretraining corpus (README)
-    "minillm": Method(divergence="rkl", lam=0.0, on_policy=1.0, policy_gradient=True),
+    "minillm": Method(divergence="rkl", lam=0.0, on_policy=1.0, policy_gradient=True, lr=5e-6),
 }
 MINILLM_KEYS = ("ppo_epochs", "ppo_clip", "teacher_mix", "reward_gamma", "reward_scaling", "reward_clip")
 
@@ -214,6 +215,8 @@ def parse_args(argv, cfg=None):
                 raise SystemExit(f"--{key}={v}: must be {text} and finite")
     if cfg.method not in METHODS:
         raise SystemExit(f"--method={cfg.method}: expected one of {', '.join(METHODS)}")
+    if METHODS[cfg.method].lr is not None and "lr" not in given:
+        cfg.lr = METHODS[cfg.method].lr
     if "divergence" in given and not METHODS[cfg.method].divergence_flag:
         raise SystemExit(f"--divergence has no effect with --method={cfg.method} (only delta takes it)")
     if cfg.divergence not in DIVERGENCES or cfg.loss_impl not in ("chunked", "dense"):
@@ -589,7 +592,8 @@ class ChunkedDistillLoss(torch.autograd.Function):
             else:
                 t = None if target is None else target[s:s + chunk]
             loss, sft, kd, dz = loss_of_chunk(z, label_ids[s:s + chunk], t, spec,
-                                              buffers[1, :n] if t is not None else None, ppo if ppo is None else ppo[s:s + chunk])
+                                              buffers[1, :n] if t is not None else None,
+                                              None if ppo is None else ppo[s:s + chunk])
             totals += torch.stack([loss, sft, kd]).double()
             if need_grad:
                 if plain_fp32(hc):
@@ -1451,7 +1455,7 @@ class Rollout(NamedTuple):
 
 def token_logprobs(h, head, label_ids, spec):
     # log softmax(h @ head.T)[y] of each row at tau = 1 over the real vocabulary, a chunk of rows at a time, with
-    # the head in h's dtype as the chunked loss casts it (so the first PPO pass's ratio is 1)
+    # the head in h's dtype as the chunked loss casts it (so the first PPO pass's ratio is 1, without --compile)
     c, head = spec.chunk_size, head[:spec.vocab].to(h.dtype)
     return torch.cat([F.log_softmax(logits(h[s:s + c], head), dim=-1).gather(1, label_ids[s:s + c, None])[:, 0]
                       for s in range(0, len(h), c)])
@@ -1477,12 +1481,11 @@ def minillm_rollouts(run, student, target, micro):
         rewards = minillm_rewards(logp_y, logq_y, cfg)
         rows.append((frozen, logq_y, reward_to_go(rewards, mask, cfg.reward_gamma),
                      importance_weights(logq_y, logp_y, cfg.teacher_mix), rewards.sum()))
-    returns = torch.cat([r for _, _, r, _, _ in rows])
-    n, total, squares, reward = all_reduce(torch.stack([torch.tensor(float(len(returns)), dtype=torch.float64,
-                                                                     device=run.device), returns.sum(),
+    returns = torch.cat([r for _, _, r, _, _ in rows])  # float64
+    n, total, squares, reward = all_reduce(torch.stack([torch.ones_like(returns).sum(), returns.sum(),
                                                         returns.square().sum(), sum(r[-1] for r in rows).double()]))
     mean = total / n
-    scale = torch.rsqrt(squares / n - mean**2 + 1e-8)
+    scale = torch.rsqrt(squares / n - mean**2 + 1e-8)  # the population variance, as LMOps' whiten
     return [Rollout(frozen, torch.stack([logq_y, ((r - mean) * scale).float(), w], 1))
             for frozen, logq_y, r, w, _ in rows], (reward / n).item()
 
@@ -1503,7 +1506,8 @@ def train_step(run, student, target, micro, step, total):
     step weighs the same, and at on_policy = 1 the loss is the KD term alone, on the student's samples (GKD's).
     The logged sft sums the data's tokens only (still divided by all the step's supervised tokens). MiniLLM
     samples every micro-batch with its teacher mixed in, scores the samples once (minillm_rollouts), and makes
-    --ppo_epochs updates on them (a step is one rollout batch; the logged sums are the passes' mean)."""
+    --ppo_epochs updates on them (a step is one rollout batch; the logged sums are the passes' mean, the grad
+    norm the last pass's)."""
     cfg, device = run.cfg, run.device
     minillm = METHODS[cfg.method].policy_gradient
     teacher = target.frozen.get("teacher_ft")
@@ -1816,12 +1820,12 @@ class DemoSettings:
                                                                     batch_size=16))
     distill: dict = dataclasses.field(default_factory=lambda: dict(max_steps=400, lr=3e-3, warmup_steps=10,
                                                                    batch_size=16))
-    minillm_steps: int = 100    # rollout batches, each --ppo_epochs (4) updates: as many updates as the others,
-    minillm_lr_ratio: float = 0.5  # at half their lr (LMOps: MiniLLM 5e-6 after SFT at 1e-5)
-    full_seeds: int = 3         # --full_comparison=true: the seeds, Delta-KD's alphas and its stored top-k run,
-    full_alphas: tuple = (0.0, 0.5, 1.0)  # its on-policy run and MiniLLM
+    # --full_comparison=true: the seeds, Delta-KD's alphas, its stored top-k run and its on-policy run, and MiniLLM
+    full_seeds: int = 3
+    full_alphas: tuple = (0.0, 0.5, 1.0)
     full_topk: int = 16
     full_on_policy: float = 0.5
+    minillm_steps: int = 100    # rollout batches of --ppo_epochs (4) updates each: as many updates as the others
 
 
 DEMO = DemoSettings()
@@ -1849,9 +1853,10 @@ def demo_raw_model(root, seed, role):
 
 
 def demo(cfg):
-    """The raw models (given) -> the teacher finetuned on the task -> students distilled from the raw student
-    (SFT, FKL, RKL, SeqKD, Delta-KD) -> one table on the held-out problems. --full_comparison=true: every
-    stage over several seeds, Delta-KD at several alphas and with stored top-k targets."""
+    """The raw models (given) -> the teacher finetuned on half the task's training problems -> students
+    distilled from the raw student on the other half (SFT, FKL, RKL, SeqKD, Delta-KD) -> one table on the
+    held-out problems. --full_comparison=true: every stage over several seeds, Delta-KD at several alphas,
+    with stored top-k targets and on-policy, and MiniLLM from the SFT student."""
     t_start, root = time.time(), cfg.out_dir
     raw = cfg.demo_raw_models or DEMO.raw_models
     seeds = range(cfg.seed, cfg.seed + (DEMO.full_seeds if cfg.full_comparison else 1))
@@ -1913,7 +1918,7 @@ def demo_seed(cfg, seed, results):
                                                         "targets_dtype": "float32", "targets_dir": os.path.join(root, "targets")}
     if cfg.full_comparison:  # from the SFT student, as its authors start it (README)
         students["minillm"] = {"method": "minillm", "max_steps": DEMO.minillm_steps,
-                               "lr": DEMO.distill["lr"] * DEMO.minillm_lr_ratio,
+                               "lr": DEMO.distill["lr"] * METHODS["minillm"].lr / Config.lr,  # LMOps: half its SFT's
                                "student": checkpoint_dir(os.path.join(root, "student-sft"), DEMO.distill["max_steps"])}
     stages = [("raw-teacher", dict(student=raw_teacher, eval_only=True)),  # what finetuning and distillation start from
               ("raw-student", dict(student=raw_student, eval_only=True)),

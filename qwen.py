@@ -281,10 +281,11 @@ def cut_after_eos(rows, eos_ids):
     # each row up to and including its first eos (the slots after it hold PAD_ID)
     return [row[:next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
 
-def mixture(logits, sampling, mix_in):
+
+def mixture(logits, sampling, a):
     """log((1 - a) softmax(z / T) + a softmax(z_mix / T)) from [z, z_mix] (B, V): the mixed distribution as
     logits (at T = 1 when greedy)."""
-    a, T = mix_in[1], sampling.temperature or 1.0
+    T = sampling.temperature or 1.0
     own, other = (F.log_softmax(z / T, dim=-1) for z in logits)
     log_weight = [math.log1p(-a) if a < 1 else float("-inf"), math.log(a) if a > 0 else float("-inf")]
     return torch.logaddexp(own + log_weight[0], other + log_weight[1])
@@ -345,8 +346,9 @@ class Qwen(nn.Module):
         as `sampling` says. Stops a row at any id in eos_token_id (an int or a list). Ids >= vocab_limit
         (Qwen's padded embedding rows, beyond the tokenizer) are never emitted. mix_in=(model, a): each
         token comes from (1 - a) softmax(z / T) + a softmax(z_mix / T), z_mix the logits of that model (same
-        tokenizer), run in lockstep with its own KV cache (MiniLLM's teacher-mixed sampling). Returns one
-        list per prompt of the new ids, including the eos id when one was emitted."""
+        tokenizer; vocab_limit then cuts both to the same real tokens), run in lockstep with its own KV cache
+        (MiniLLM's teacher-mixed sampling). Returns one list per prompt of the new ids, including the eos id
+        when one was emitted."""
         if min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
         dev = self.lm_head.weight.device
@@ -368,7 +370,7 @@ class Qwen(nn.Module):
         pos_ids = pos_ids[:, -1:]
         n = 0
         for n in range(max_new_tokens):
-            nxt = torch.where(done, PAD_ID, sample(mixture(logits, sampling, mix_in) if mix_in else logits[0],
+            nxt = torch.where(done, PAD_ID, sample(mixture(logits, sampling, mix_in[1]) if mix_in else logits[0],
                                                    mixed_sampling(sampling) if mix_in else sampling, gen))
             out[:, n] = nxt
             done |= torch.isin(nxt, eos)

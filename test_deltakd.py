@@ -2298,6 +2298,9 @@ def test_minillm_flags_are_refused_where_they_cannot_work(run_dir, tmp_path):
             deltakd.parse_args(argv)
     cfg = deltakd.parse_args(["--method=minillm", "--ppo_epochs=2", "--teacher_mix=0", "--on_policy_max_new_tokens=64"])
     assert (cfg.ppo_epochs, cfg.teacher_mix, deltakd.on_policy_of(cfg)) == (2, 0.0, 1.0)
+    # LMOps' lr is MiniLLM's default (the METHODS row), a given --lr wins, and the other methods keep theirs
+    assert cfg.lr == 5e-6 and deltakd.parse_args(["--method=minillm", "--lr=2e-5"]).lr == 2e-5
+    assert deltakd.parse_args(["--method=fkl"]).lr == deltakd.Config.lr == 1e-5
     with pytest.raises(SystemExit, match=re.escape("--method=minillm needs --teacher_ft")):
         deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "out", method="minillm", teacher_ft="")))
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -2317,7 +2320,7 @@ def test_teacher_mixed_sampling_is_the_students_at_mix_0_the_teachers_at_mix_1_a
     z, zt = torch.randn(3, 40, generator=g) * 3, torch.randn(3, 40, generator=g) * 3
     for a in (0.2, 0.5):
         for T in (0.0, 0.7, 1.0, 2.0):
-            got = qwen.mixture([z, zt], qwen.Sampling(temperature=T), (teacher, a))
+            got = qwen.mixture([z, zt], qwen.Sampling(temperature=T), a)
             t = T or 1.0
             want = torch.log((1 - a) * torch.softmax(z.double() / t, -1) + a * torch.softmax(zt.double() / t, -1))
             assert torch.allclose(got.double(), want, atol=1e-5), (a, T)
