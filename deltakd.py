@@ -965,9 +965,9 @@ def generate_all(run, model, prompts, max_new_tokens, temperature=0.0, seed=0):
 @torch.no_grad()
 def forced_scores(run, model, teacher, examples):
     """Teacher-forced figures on the held-out reference answers, per answer token: the student's NLL of the
-    reference and its entropy (how sure it is), and with the finetuned teacher KL(pi_t^ft || student) at tau = 1 and top-1 agreement (the
-    share of positions where both models' most probable token is the same). Smooth, cheap, and what
-    distillation optimises directly, where ROUGE of generations is noisy and coarse."""
+    reference and its entropy (how sure it is), and with the finetuned teacher KL(pi_t^ft || student) at
+    tau = 1 and top-1 agreement (the share of positions where both models' most probable token is the
+    same). Smooth, cheap, and what distillation optimises directly, where ROUGE of generations is noisy."""
     cfg, dev, vocab = run.cfg, model.lm_head.weight.device, run.spec.vocab
     sums = torch.zeros(5, dtype=torch.float64, device=dev)  # nll, kl, agreements, tokens, entropy
     was_training = model.training
@@ -990,7 +990,8 @@ def forced_scores(run, model, teacher, examples):
     model.train(was_training)
     nll, kl, agree, n, entropy = all_reduce(sums).tolist()
     n = max(n, 1)
-    return {"nll": nll / n, "entropy": entropy / n, **({"kl_teacher": kl / n, "top1_teacher": agree / n} if teacher else {})}
+    return {"nll": nll / n, "entropy": entropy / n,
+            **({"kl_teacher": kl / n, "top1_teacher": agree / n} if teacher else {})}
 
 
 def evaluate(run, model, teacher, examples, tag):
@@ -1411,11 +1412,12 @@ def answer_prompts(batch):
 
 def sample_answers(run, model, micro, step, teacher_mix=None):
     """The step's micro-batches with those drawn (on_policy_draw) answered by the student itself: for each
-    prompt (answer_prompts, as SeqKD's), one sample at --on_policy_temperature, in eval mode with the KV cache and no gradient, up to <|im_end|> (then
-    supervised, as in the data) or the length limit; MiniLLM mixes its teacher in (teacher_mix = (model,
-    mix), Qwen.generate's mix_in). Each sample has at least one token (generate's first;
-    the prompt leaves room for it within max_len), so a sampled micro-batch always has supervised tokens.
-    Returns them and the figures [sampled micro-batches, sampled tokens, samples, seconds]."""
+    prompt (answer_prompts, as SeqKD's), one sample at --on_policy_temperature, in eval mode with the KV
+    cache and no gradient, up to <|im_end|> (then supervised, as in the data) or the length limit; MiniLLM
+    mixes its teacher in (teacher_mix = (model, mix), Qwen.generate's mix_in). Each sample has at least one
+    token (generate's first; the prompt leaves room for it within max_len), so a sampled micro-batch always
+    has supervised tokens. Returns them and the figures [sampled micro-batches, sampled tokens, samples,
+    seconds]."""
     cfg = run.cfg
     out, figures, was_training = [], np.zeros(4), model.training
     model.eval()
@@ -1541,7 +1543,8 @@ def train_step(run, student, target, micro, step, total):
         pass_sums = all_reduce(pass_sums) / n_tokens
         gnorm = optimizer_step(run, student, step, pass_sums)
         sums += pass_sums / passes
-    n_in, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro), step_flops(run, micro, student, target)],
+    n_in, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro),
+                                           step_flops(run, micro, student, target)],
                                           dtype=torch.float64, device=device)).tolist()
     return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
             "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens,
@@ -1569,12 +1572,13 @@ def step_flops(run, micro, student, target):
     # model FLOPs of this rank's micro-batches: the student trained on every real token (once per PPO pass) and run
     # forward over a sampled sequence (its sampling; MiniLLM's scoring too), each live frozen model forward (MiniLLM:
     # its teacher also in the sampling)
-    minillm = METHODS[run.cfg.method].policy_gradient
+    minillm, s = METHODS[run.cfg.method].policy_gradient, student.model.config
+    passes = run.cfg.ppo_epochs if minillm else 1
     total = 0.0
     for batch in micro:
         for T in batch.lengths.tolist():
-            total += (run.cfg.ppo_epochs if minillm else 1) * T * qwen.flops_per_token(student.model.config, T, train=True)
-            total += batch.sampled * (1 + minillm) * T * qwen.flops_per_token(student.model.config, T, train=False)
+            total += passes * T * qwen.flops_per_token(s, T, train=True)
+            total += batch.sampled * (1 + minillm) * T * qwen.flops_per_token(s, T, train=False)
             total += (1 + minillm) * sum(T * qwen.flops_per_token(m.config, T, train=False) for m in target.frozen.values())
     return total
 
@@ -1623,7 +1627,8 @@ class Log:
                 sampled = f"sampled {rec['sampled']:.0%}{samples if rec['sampled'] else ''} | "
             reward = f"reward {rec['reward']:.3f} | " if "reward" in rec else ""  # MiniLLM's mean r_t
             print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
-                  f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {sampled}{reward}{rec['tokens_per_s']:.0f} tok/s | "
+                  f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {sampled}{reward}"
+                  f"{rec['tokens_per_s']:.0f} tok/s | "
                   f"{mfu} | eta {eta:.0f}s")
 
     def eval(self, step, scores):
@@ -1772,7 +1777,8 @@ def memory_plan(cfg, configs, world):
         t = configs["teacher_ft"]
         rows.append(("MiniLLM: the teacher's KV cache while sampling",
                      qwen.kv_cache_bytes(t, cfg.batch_size * L, 2 if act == 2 else dtype_bytes)))
-        rows.append((f"MiniLLM: the teacher's hidden states of {cfg.grad_accum} rollout micro-batch(es), {cfg.teacher_dtype}",
+        rows.append((f"MiniLLM: the teacher's hidden states of {cfg.grad_accum} rollout micro-batch(es), "
+                     f"{cfg.teacher_dtype}",
                      cfg.grad_accum * cfg.batch_size * cfg.max_len * t.hidden_size * dtype_bytes))
     return rows
 
@@ -1832,7 +1838,8 @@ DEMO = DemoSettings()
 TASK_INSTRUCTION = "What does this problem ask? Answer with its question sentence.\n\n"
 DEMO_NAMES = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
               "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
-              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD", "student-minillm": "MiniLLM (from the SFT student)",
+              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD",
+              "student-minillm": "MiniLLM (from the SFT student)",
               "teacher-ft-own": "Teacher (finetuned), on its own finetuning problems",
               "teacher-ft-distill": "Teacher (finetuned), on the distillation problems",
               "references": "Reference answers (sanity only)"}
@@ -1904,7 +1911,8 @@ def demo_seed(cfg, seed, results):
     raw = cfg.demo_raw_models or DEMO.raw_models
     raw_teacher, raw_student = demo_raw_model(raw, seed, "teacher"), demo_raw_model(raw, seed, "student")
     teacher_ft = checkpoint_dir(os.path.join(root, "teacher-ft"), DEMO.finetune["max_steps"])
-    task_teacher, task_distill, task_eval = (os.path.join(cfg.out_dir, f"task_{f}.jsonl") for f in ("teacher", "distill", "eval"))
+    task_teacher, task_distill, task_eval = (os.path.join(cfg.out_dir, f"task_{f}.jsonl")
+                                             for f in ("teacher", "distill", "eval"))
     alphas, topk = (DEMO.full_alphas, DEMO.full_topk) if cfg.full_comparison else ((cfg.alpha,), 0)
     students = {m: {"method": m} for m in ("sft", "fkl", "rkl", "seqkd")}
     students.update({f"delta-a{a:g}": {"method": "delta", "alpha": a} for a in alphas})
@@ -1915,7 +1923,8 @@ def demo_seed(cfg, seed, results):
                          for name, m in on_policy_methods})
     if topk:
         students[f"delta-a{cfg.alpha:g}-top{topk}"] = {"method": "delta", "alpha": cfg.alpha, "topk": topk,
-                                                        "targets_dtype": "float32", "targets_dir": os.path.join(root, "targets")}
+                                                        "targets_dtype": "float32",
+                                                        "targets_dir": os.path.join(root, "targets")}
     if cfg.full_comparison:  # from the SFT student, as its authors start it (README)
         students["minillm"] = {"method": "minillm", "max_steps": DEMO.minillm_steps,
                                "lr": DEMO.distill["lr"] * METHODS["minillm"].lr / Config.lr,  # LMOps: half its SFT's
@@ -1924,8 +1933,10 @@ def demo_seed(cfg, seed, results):
               ("raw-student", dict(student=raw_student, eval_only=True)),
               ("teacher-ft", dict(student=raw_teacher, train_data=task_teacher, **DEMO.finetune)),
               # how much the teacher knows beyond the labels of the students' problems, and of its own (teacher-forced)
-              ("teacher-ft-own", dict(student=teacher_ft, eval_only=True, eval_data=task_teacher, eval_max_new_tokens=0)),
-              ("teacher-ft-distill", dict(student=teacher_ft, eval_only=True, eval_data=task_distill, eval_max_new_tokens=0))]
+              ("teacher-ft-own", dict(student=teacher_ft, eval_only=True, eval_data=task_teacher,
+                                      eval_max_new_tokens=0)),
+              ("teacher-ft-distill", dict(student=teacher_ft, eval_only=True, eval_data=task_distill,
+                                          eval_max_new_tokens=0))]
     stages += [(f"student-{name}", {"student": raw_student, "teacher_ft": teacher_ft, "teacher_raw": raw_teacher,
                                     "train_data": task_distill, **DEMO.distill, **kw}) for name, kw in students.items()]
     for name, kw in stages:
