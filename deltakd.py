@@ -1047,8 +1047,7 @@ class Evaluation:
     def __init__(self, run, examples, frozen, log):
         self.run, self.examples, self.log = run, examples, log
         self.teacher_dir = model_dirs(run.cfg).get("teacher_ft")
-        teacher = frozen.get("teacher_ft")
-        self.teacher = getattr(teacher, "_orig_mod", teacher)  # a compiled one: its module
+        self.teacher = uncompiled(frozen.get("teacher_ft"))
 
     def __call__(self, model, step, tag):
         if self.teacher is None and self.teacher_dir:
@@ -1375,6 +1374,11 @@ def load_target(run, cache):
     return Target({r: torch.compile(m) for r, m in frozen.items()} if cfg.compile else frozen, None)
 
 
+def uncompiled(model):
+    # the module itself of a torch.compile'd model (for generate, its weights), else the model
+    return getattr(model, "_orig_mod", model)
+
+
 def frozen_hidden_states(frozen, input_ids, autocast_mode="auto"):
     """{role: (final hidden states (B, T, C_t), lm_head weight)} of the frozen models, no grad."""
     with torch.no_grad(), autocast(input_ids.device, autocast_mode):
@@ -1512,8 +1516,7 @@ def train_step(run, student, target, micro, step, total):
     norm the last pass's)."""
     cfg, device = run.cfg, run.device
     minillm = METHODS[cfg.method].policy_gradient
-    teacher = target.frozen.get("teacher_ft")
-    teacher_mix = (getattr(teacher, "_orig_mod", teacher), cfg.teacher_mix) if minillm else None
+    teacher_mix = (uncompiled(target.frozen["teacher_ft"]), cfg.teacher_mix) if minillm else None
     micro, sample_figures = (sample_answers(run, student.model, micro, step, teacher_mix) if on_policy_of(cfg)
                              else (micro, None))
     rollouts, reward = minillm_rollouts(run, student, target, micro) if minillm else (None, None)

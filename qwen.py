@@ -358,6 +358,7 @@ class Qwen(nn.Module):
         models = [self] + ([mix_in[0]] if mix_in else [])
         caches = [m.empty_kv_cache(B, P + max_new_tokens) for m in models]
         gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        pick = mixed_sampling(sampling) if mix_in else sampling  # how each next token is drawn
         V = vocab_limit or self.config.vocab_size
 
         # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
@@ -371,7 +372,7 @@ class Qwen(nn.Module):
         n = 0
         for n in range(max_new_tokens):
             nxt = torch.where(done, PAD_ID, sample(mixture(logits, sampling, mix_in[1]) if mix_in else logits[0],
-                                                   mixed_sampling(sampling) if mix_in else sampling, gen))
+                                                   pick, gen))
             out[:, n] = nxt
             done |= torch.isin(nxt, eos)
             if n == max_new_tokens - 1 or bool(done.all()):
