@@ -5,7 +5,7 @@ what a stored top-K target costs in accuracy.
     python bench.py                                   # all of them (liger needs the .[bench] extra, topk a demo run)
     python bench.py step rouge                        # some
     python bench.py step --out docs/bench-rows.md     # and append the rows to a file (the machine line first)
-    python bench.py topk --demo_out=out               # topk reads a demo run's directory (`python deltakd.py`)
+    python bench.py topk --demo_out=out               # topk reads a demo run's directory (assets/demo/demo.py)
     python bench.py data --data_rows=20000            # the data bench on a smaller file (default 200,000 rows)
     python bench.py --gpu                             # the GPU measurements (needs CUDA)
     python bench.py onpolicy                          # with trl installed (the .[bench] extra) also vs TRL's GKD
@@ -16,11 +16,11 @@ what a stored top-K target costs in accuracy.
             (time in this process; peak memory of each in its own child process, from VmHWM).
 - liger:    the chunked loss vs Liger-Kernel's fused linear forward KL, eager and compiled (pip install -e '.[bench]').
 - rouge:    rouge.py vs rouge-score on 1,000 pairs of real answers, 4 types, stemming, numbers asserted equal.
-- step:     deltakd.train_step itself, in real runs (deltakd.start, load_data, load_target, build_student,
+- step:     deltakd.kd_step itself, in real runs (deltakd.start, load_data, target_source, build_student,
             micro_batches): Delta-KD with the frozen models live and with stored top-64 targets, each vs
             the SFT step of the same student and batch; and the target pass that stores them.
-- compile:  the same train_step with --compile=true vs eager.
-- onpolicy: deltakd.train_step with --on_policy=1 (the student samples every answer, 64 tokens) vs the off-policy
+- compile:  the same kd_step with --compile=true vs eager.
+- onpolicy: deltakd.kd_step with --on_policy=1 (the student samples every answer, 64 tokens) vs the off-policy
             step on exactly those sequences, fkl and delta, split into sampling, frozen forwards and the
             student's step; and the fkl step vs TRL's GKDTrainer (lmbda=1, beta=0) on the same models and
             prompts (pip install -e '.[bench]'; without trl that row alone is skipped).
@@ -58,6 +58,9 @@ import qwen
 import rouge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "assets", "demo"))
+import demo  # noqa: E402  (the demo's settings and raw models)
+
 QWEN_CONFIGS = os.path.join(HERE, "assets/qwen2.5")  # the real Qwen2.5 config.json files (no weights)
 TOKENIZER = os.path.join(QWEN_CONFIGS, "tokenizer.json")
 ULTRACHAT = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl")
@@ -65,7 +68,7 @@ ULTRACHAT = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl
 USAGE = """python bench.py [NAME ...] [--out=FILE] [--demo_out=DIR] [--data_rows=N]
        python bench.py --gpu [--out=FILE]
 NAME: forward generate loss liger rouge step compile onpolicy data topk (default: all of them); topk reads
-the demo run in DIR (default out/, made by `python deltakd.py`) and is skipped without one; onpolicy's row
+the demo run in DIR (default out/, made by `python assets/demo/demo.py`) and is skipped without one; onpolicy's row
 against TRL needs trl (pip install -e '.[bench]')"""
 
 Row = collections.namedtuple("Row", "what peer setting result")
@@ -150,7 +153,7 @@ def bench_forward():
 
 def bench_generate():
     rows = []
-    demo_teacher = arch(os.path.join(deltakd.demo_raw_model(deltakd.DEMO.raw_models, deltakd.Config().seed, "teacher"),
+    demo_teacher = arch(os.path.join(demo.demo_raw_model(demo.DEMO.raw_models, deltakd.Config().seed, "teacher"),
                                      "config.json"), max_position_embeddings=4096)
     batch, new, lengths = 8, 128, (16, 23, 31, 40, 48, 55, 60, 64)
     # bf16 is how Qwen checkpoints ship; at 108M on 2 cores both sides wait on the lm_head GEMV
@@ -190,13 +193,18 @@ def bench_generate():
 LOSS = dict(C=1536, V=151665, Vm=151936, Vt=152064, chunk=512)
 
 
+def loss_spec(method, **kw):
+    # the LossSpec of a run of this method (fkl, delta at alpha 1), as deltakd.resolve writes its settings
+    return deltakd.LossSpec(divergence="fkl", alpha=1.0 if method == "delta" else None, **kw)
+
+
 def loss_inputs(N, method, seed=0):
     C, V, Vm, Vt = LOSS["C"], LOSS["V"], LOSS["Vm"], LOSS["Vt"]
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(1, N + 1, C, generator=g) * 0.5
     W = torch.randn(Vm, C, generator=g) * 0.05
     labels = torch.randint(0, V, (1, N + 1), generator=g)  # every position after the first supervised
-    spec = deltakd.LossSpec(vocab=V, method=method, lam=0.5, alpha=1.0, temperature=1.0, chunk_size=LOSS["chunk"])
+    spec = loss_spec(method, vocab=V, lam=0.5, temperature=1.0, chunk_size=LOSS["chunk"])
     teachers = {role: (torch.randn(1, N + 1, C, generator=g) * 0.5, torch.randn(Vt, C, generator=g) * 0.05)
                 for role in spec.weights}
     return h, W, labels, teachers, spec
@@ -250,7 +258,7 @@ def child_peak(impl, method, N, limit_gib):
 def bench_loss():
     rows, N, sizes, limit = [], 1024, (1024, 4096), 20
     shape = f"V {LOSS['Vm']:,}, C {LOSS['C']:,}, fp32, forward + backward, λ = 0.5"
-    for method, name in (("fkl", "forward KL"), ("delta", f"Delta-KD ({len(deltakd.LossSpec(LOSS['V'], method='delta').weights)} frozen heads)")):
+    for method, name in (("fkl", "forward KL"), ("delta", f"Delta-KD ({len(loss_spec('delta', vocab=LOSS['V']).weights)} frozen heads)")):
         h, W, labels, teachers, spec = loss_inputs(N, method)
         a = loss_step(h, W, labels, teachers, replace(spec, impl="chunked"))
         b = loss_step(h, W, labels, teachers, replace(spec, impl="dense"))
@@ -293,13 +301,13 @@ def bench_liger():
     h = (torch.randn(N, C, generator=g) * 0.5).requires_grad_()
     W = (torch.randn(V, C, generator=g) * 0.02).requires_grad_()
     frozen = {r: (torch.randn(N, C, generator=g) * 0.5, torch.randn(V, C, generator=g) * 0.02)
-              for r in deltakd.LossSpec(V, method="delta").weights}
+              for r in loss_spec("delta", vocab=V).weights}
     y = torch.randint(0, V, (N,), generator=g)
     ht, Wt = frozen["teacher_ft"]
 
     def ours(lam, compiled, method="fkl"):
-        spec = deltakd.LossSpec(vocab=V, method=method, lam=lam, alpha=1.0, chunk_size=chunk, compile=compiled)
-        loss = deltakd.ChunkedDistillLoss.apply(h, W, y, {r: frozen[r] for r in spec.weights}, spec)[0] / N
+        spec = loss_spec(method, vocab=V, lam=lam, chunk_size=chunk, compile=compiled)
+        loss = deltakd.ChunkedDistillLoss.apply(h, W, y, {r: frozen[r] for r in spec.weights}, spec, None)[0] / N
         loss.backward()
         return loss
 
@@ -356,7 +364,7 @@ def bench_liger():
             rows.append(Row(f"{name}, {mode}", "—", setting.format(lam=lam), f"{t:.2f} s, peak {peak:.2f} GiB"))
     # Delta-KD's three heads: one buffer and three GEMMs (addmm) vs one GEMM over stacked hidden states and heads
     rows_ = slice(0, chunk)
-    spec = deltakd.LossSpec(vocab=V, method="delta", alpha=1.0)
+    spec = loss_spec("delta", vocab=V)
     live = {r: (x[rows_], w) for r, (x, w) in frozen.items()}
     out = torch.empty(chunk, V)
     stacked_w = torch.cat([frozen[r][1] for r in ("teacher_ft", "student_raw", "teacher_raw")], 1)
@@ -394,7 +402,7 @@ def bench_rouge():
                 "numbers asserted identical", f"{t2 - t1:.2f} vs {t1 - t0:.2f} s: **{(t1 - t0) / (t2 - t1):.1f}x** the speed")]
 
 # -----------------------------------------------------------------------------
-# training steps: deltakd's own runs, built as train() builds them, and deltakd.train_step itself timed
+# training steps: deltakd's own runs, built as train() builds them, and deltakd.kd_step itself timed
 
 
 def long_conversations(n, min_tokens, first_turn_max=48):
@@ -434,30 +442,31 @@ def step_files(root, models, batch, max_len):
                "--quiet=true"])
 
 
-class StepRun(collections.namedtuple("StepRun", "run student target micro target_seconds")):
-    """A real run up to its first step, and the step: deltakd.train_step on the run's one micro-batch."""
+class StepRun(collections.namedtuple("StepRun", "run student source micro target_seconds")):
+    """A real run up to its first step, and the step: deltakd.kd_step on the run's one micro-batch (at --lr:
+    the first step of a run without warmup)."""
 
     def step(self):
-        return deltakd.train_step(self.run, self.student, self.target, self.micro, 0, 10**6)
+        return deltakd.kd_step(self.run, self.student, self.source, self.micro, 0)
 
 
-def step_run(root, name, flags, target=None):
+def step_run(root, name, flags, source=None):
     """The run of these flags as deltakd.train() sets it up: the Config (parse_args), deltakd.start (input
-    checks, seeds), the token cache (load_data), the loss's target (load_target: the frozen models, or
-    the target pass into --targets_dir, or none for SFT; timed), the student (build_student); its one
-    micro-batch is every example of the training file, each max_len long. target: a deltakd.Target to
-    use instead of load_target's (the GPU bench's random-weight 7B models, never written to disk)."""
+    checks, seeds), the token cache (load_data), where the loss's target comes from (target_source: the
+    frozen models, or the target pass into --targets_dir, or none for SFT; timed), the student
+    (build_student); its one micro-batch is every example of the training file, each max_len long. source: a
+    deltakd.TargetSource to use instead (the GPU bench's random-weight 7B models, never written to disk)."""
     run = deltakd.start(deltakd.parse_args(flags + [f"--out_dir={os.path.join(root, 'runs', name)}"]))
     cache, train_idx, _ = deltakd.load_data(run)
     lengths = cache.lengths[train_idx]
     if not (lengths == run.cfg.max_len).all():
         raise RuntimeError(f"bench examples of {lengths.tolist()} tokens, expected every one {run.cfg.max_len}")
     seconds = 0.0
-    if target is None:
-        seconds, target = timed(lambda: deltakd.load_target(run, cache))
+    if source is None:
+        seconds, source = timed(lambda: deltakd.target_source(run, cache))
     student = deltakd.build_student(run)
     student.model.train()
-    return StepRun(run, student, target, deltakd.micro_batches(run, cache, [train_idx]), seconds)
+    return StepRun(run, student, source, deltakd.micro_batches(run, cache, [train_idx]), seconds)
 
 
 def step_models(roles=("student", "teacher_ft", "teacher_raw")):
@@ -480,7 +489,7 @@ def describe(models, batch, max_len, n_supervised):
 
 
 def bench_step(batch=4, max_len=256, repeats=5):
-    """deltakd.train_step of an SFT run, a Delta-KD run with its three frozen models live and one with stored
+    """deltakd.kd_step of an SFT run, a Delta-KD run with its three frozen models live and one with stored
     top-64 targets (the target pass into a temporary --targets_dir), same student and batch, interleaved."""
     root = tempfile.mkdtemp(prefix="bench-step-")
     try:
@@ -500,7 +509,7 @@ def bench_step(batch=4, max_len=256, repeats=5):
                       for f in fs if f.endswith(".bin"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    setting = (f"`deltakd.train_step` (global token normalisation, clipping, finiteness checks); "
+    setting = (f"`deltakd.kd_step` (global token normalisation, clipping, finiteness checks); "
                f"{describe(models, batch, max_len, n_sup)}; median of {repeats} interleaved steps")
     peer = "the SFT step of the same student and batch (`--method=sft`)"
     return [Row("training step, Delta-KD, frozen models live", peer, setting,
@@ -508,14 +517,14 @@ def bench_step(batch=4, max_len=256, repeats=5):
             Row("training step, Delta-KD, stored targets", peer,
                 setting + f"; target stored as top-{topk} (float16) + rest mass",
                 f"{t['stored']:.2f} vs {t['sft']:.2f} s: **{t['stored'] / t['sft']:.2f}x** the time"),
-            Row("target pass (once per run)", "—", f"`load_target` with `--targets_dir`: the frozen models loaded "
+            Row("target pass (once per run)", "—", f"`target_source` with `--targets_dir`: the frozen models loaded "
                 f"and run once over the same {batch} examples, top-{topk} float16",
                 f"{n_sup:,} supervised tokens in {stored.target_seconds:.1f} s ({n_sup / stored.target_seconds:.0f} "
                 f"tokens/s, loading included); {on_disk / n_sup:.0f} bytes per supervised token on disk")]
 
 
 def bench_compile(batch=4, max_len=256, repeats=3):
-    """--compile=true on this CPU: deltakd.train_step of an SFT run (the same student and batch as bench
+    """--compile=true on this CPU: deltakd.kd_step of an SFT run (the same student and batch as bench
     step) compiled vs eager: the first compiled step (compilation) and the steady step time."""
     root = tempfile.mkdtemp(prefix="bench-compile-")
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -535,7 +544,7 @@ def bench_compile(batch=4, max_len=256, repeats=3):
         shutil.rmtree(root, ignore_errors=True)
     s = models["student"].config
     return [Row("`--compile=true`", "the eager run, otherwise the same",
-                f"`deltakd.train_step`, SFT, student {s.hidden_size} × {s.num_hidden_layers} (vocab {s.vocab_size:,}), "
+                f"`deltakd.kd_step`, SFT, student {s.hidden_size} × {s.num_hidden_layers} (vocab {s.vocab_size:,}), "
                 f"batch {batch} × {max_len} ({n_sup:,} supervised tokens), fp32, CPU; median of {repeats} interleaved "
                 "steps after the first",
                 f"first step {first['compiled'][0]:.1f} s compiled (compilation, cold cache) vs {first['eager'][0]:.1f} s; steady "
@@ -632,11 +641,11 @@ def trl_gkd_step(root, run, prompts, new):
 
 
 def bench_onpolicy(batch=4, new=64, repeats=5):
-    """deltakd.train_step with --on_policy=1 (every micro-batch answered by the student's own samples) vs the
+    """deltakd.kd_step with --on_policy=1 (every micro-batch answered by the student's own samples) vs the
     off-policy step of the same run on exactly those sequences (the micro-batches sample_answers returned,
     fed with sampled=False to the run with on_policy=0, same frozen models), for fkl (one frozen teacher)
     and delta (three); the on-policy step split into sampling (sample_answers alone), the frozen forwards
-    (Target.of over the sampled input_ids) and the rest (the student's step); and the fkl step vs TRL's
+    (TargetSource.of over the sampled input_ids) and the rest (the student's step); and the fkl step vs TRL's
     GKDTrainer (lmbda=1, beta=0) on the same models, prompts and sampled length. Random weights essentially
     never sample <|im_end|>, so every answer is `new` tokens (the mean is measured and reported)."""
     root = tempfile.mkdtemp(prefix="bench-onpolicy-")
@@ -648,7 +657,7 @@ def bench_onpolicy(batch=4, new=64, repeats=5):
         for method in ("fkl", "delta"):
             kd = [f"--method={method}", "--teacher_dtype=float32"] + (["--alpha=1"] if method == "delta" else [])
             on = step_run(root, f"{method}-on", flags + kd + ["--on_policy=1", f"--on_policy_max_new_tokens={new}"])
-            off = step_run(root, f"{method}-off", flags + kd, target=on.target)
+            off = step_run(root, f"{method}-off", flags + kd, source=on.source)
             run, dev = on.run, on.run.device
             prompts = [p for m in on.micro for p in deltakd.answer_prompts(m)]
             if max(map(len, prompts)) + new > max_len:
@@ -657,7 +666,7 @@ def bench_onpolicy(batch=4, new=64, repeats=5):
             off = off._replace(micro=[m._replace(sampled=False) for m in sampled])  # the same sequences, as data
 
             def frozen():
-                return [on.target.of(m.input_ids.to(dev), m.examples, run.cfg.autocast) for m in sampled]
+                return [on.source.of(m.to(dev), run.cfg.autocast) for m in sampled]
             recs = []
             fns = {"on": lambda: recs.append(on.step()), "off": off.step,
                    "sampling": lambda: deltakd.sample_answers(run, on.student.model, on.micro, 0), "frozen": frozen}
@@ -668,12 +677,12 @@ def bench_onpolicy(batch=4, new=64, repeats=5):
                 except Skipped as e:
                     skipped = e
             t = timeit(fns, repeats=repeats)
-            n_frozen = len(on.target.frozen)
+            n_frozen = len(on.source.frozen)
             T = sampled[0].input_ids.shape[1]
             length = statistics.mean(r["sampled_length"] for r in recs)
             student_s = t["on"] - t["sampling"] - t["frozen"]
             s, f = models["student"].config, models["teacher_ft"].config
-            setting = (f"`deltakd.train_step`, `--method={method}`: student {s.hidden_size} × {s.num_hidden_layers} "
+            setting = (f"`deltakd.kd_step`, `--method={method}`: student {s.hidden_size} × {s.num_hidden_layers} "
                        f"(vocab {s.vocab_size:,}), {n_frozen} frozen model{'s' * (n_frozen > 1)} live "
                        f"({'teacher_ft' if n_frozen == 1 else 'teacher_ft, teacher_raw 512 × 4 and the raw student'}; "
                        f"teachers {f.hidden_size} × {f.num_hidden_layers}, vocab {f.vocab_size:,}), fp32, CPU; {batch} "
@@ -685,7 +694,7 @@ def bench_onpolicy(batch=4, new=64, repeats=5):
                             "`sample_answers` returned, fed as data (`sampled=False`)", setting,
                             f"{t['on']:.2f} vs {t['off']:.2f} s: **{t['on'] / t['off']:.2f}x** the time"))
             rows.append(Row(f"on-policy step (p = 1), {method}, split", "—", setting + "; each part timed alone, "
-                            "interleaved with the steps: `sample_answers`, `Target.of` over the sampled input_ids (the "
+                            "interleaved with the steps: `sample_answers`, `TargetSource.of` over the sampled input_ids (the "
                             "frozen models' hidden states; their lm_head projections run inside the chunked loss, so "
                             "in the student's step), the student's step = the rest",
                             f"sampling {t['sampling']:.2f} s, frozen forwards {t['frozen']:.2f} s, student's step "
@@ -923,42 +932,43 @@ def verified(speed):
 
 
 def demo_run_files(demo_out, seed):
-    """(finetuned teacher checkpoint, task_train.jsonl) of a demo run in demo_out (`python deltakd.py`, or
-    its --full_comparison=true, whose stages live under seed<N>/), or Skipped saying what is missing."""
-    train = os.path.join(demo_out, "task_train.jsonl")
+    """(finetuned teacher checkpoint, task_distill.jsonl) of a demo run in demo_out (`python assets/demo/demo.py`,
+    or its --full_comparison=true, whose stages live under seed<N>/), or Skipped saying what is missing."""
+    train = os.path.join(demo_out, "task_distill.jsonl")
     for ft in (os.path.join(demo_out, "teacher-ft"), os.path.join(demo_out, f"seed{seed}", "teacher-ft")):
         if os.path.isfile(train) and deltakd.checkpoints(ft):
             return deltakd.checkpoints(ft)[-1], train
-    raise Skipped(f"{demo_out}/ holds no demo run (task_train.jsonl and a teacher-ft checkpoint); run "
-                  f"`python deltakd.py --out_dir={demo_out}` first, or pass --demo_out=DIR")
+    raise Skipped(f"{demo_out}/ holds no demo run (task_distill.jsonl and a teacher-ft checkpoint); run "
+                  f"`python assets/demo/demo.py --out_dir={demo_out}` first, or pass --demo_out=DIR")
 
 
 def bench_topk(demo_out="out", ks=(8, 16, 64, 256), n_examples=64, targets_dtype="float16"):
     """How good is a stored top-K target? On a demo run's models (seed 1337: the bundled raw teacher and
     student, and the run's finetuned teacher) and its first n_examples training problems: each K's store
-    made by the target pass itself (load_target with --targets_dir) against the exact Delta-KD target of
+    made by the target pass itself (target_source with --targets_dir) against the exact Delta-KD target of
     the frozen models live, both seen by the raw student (the student at step 0): mass outside the top
     K, relative error of the KD loss, cosine of the two gradients w.r.t. the student's logits. A raw
     teacher would not do as a stand-in for the finetuned one: at alpha = 1 the target z_ft + z_s^raw -
     z_t^raw would then be the raw student's own logits, and no teacher would be in it."""
     seed = deltakd.Config().seed
     teacher_ft, train = demo_run_files(demo_out, seed)
-    raw = deltakd.DEMO.raw_models
+    raw = demo.DEMO.raw_models
     tok_path = os.path.join(raw, "tokenizer.json")
     if open(os.path.join(teacher_ft, "tokenizer.json")).read() != open(tok_path).read():
-        raise Skipped(f"{demo_out}/ comes from an older demo (another tokenizer); run `python deltakd.py` again")
+        raise Skipped(f"{demo_out}/ comes from an older demo (another tokenizer); run `python assets/demo/demo.py` "
+                      "again")
     root = tempfile.mkdtemp(prefix="bench-topk-")
     try:
-        flags = [f"--student={deltakd.demo_raw_model(raw, seed, 'student')}", f"--teacher_ft={teacher_ft}",
-                 f"--teacher_raw={deltakd.demo_raw_model(raw, seed, 'teacher')}", "--method=delta", "--alpha=1",
+        flags = [f"--student={demo.demo_raw_model(raw, seed, 'student')}", f"--teacher_ft={teacher_ft}",
+                 f"--teacher_raw={demo.demo_raw_model(raw, seed, 'teacher')}", "--method=delta", "--alpha=1",
                  f"--train_data={train}", f"--max_rows={n_examples}", "--eval_size=0", f"--tokenizer={tok_path}",
-                 f"--max_len={deltakd.DEMO.max_len}", "--teacher_dtype=float32", f"--targets_dtype={targets_dtype}",
+                 f"--max_len={demo.DEMO.max_len}", "--teacher_dtype=float32",
                  f"--cache_dir={os.path.join(root, 'cache')}", f"--out_dir={os.path.join(root, 'run')}", "--quiet=true"]
         run = deltakd.start(deltakd.parse_args(flags))
         cache, idx, _ = deltakd.load_data(run)
         (batch,) = deltakd.micro_batches(run, cache, [idx])
         mask, y = deltakd.shift_labels(batch.labels)
-        live = deltakd.load_target(run, cache).of(batch.input_ids, batch.examples, run.cfg.autocast)
+        live = deltakd.target_source(run, cache).of(batch, run.cfg.autocast)
         rows = {r: (h[:, :-1][mask], w) for r, (h, w) in live.items()}
         spec = replace(run.spec, lam=0.0)  # the KD term alone
         with torch.no_grad():
@@ -972,8 +982,8 @@ def bench_topk(demo_out="out", ks=(8, 16, 64, 256), n_examples=64, targets_dtype
         out = []
         for k in ks:
             krun = deltakd.start(deltakd.parse_args(flags + [f"--targets_dir={os.path.join(root, f'targets-{k}')}",
-                                                             f"--topk={k}"]))
-            stored = deltakd.load_target(krun, cache).of(batch.input_ids, batch.examples, krun.cfg.autocast)
+                                                             f"--topk={k}", f"--targets_dtype={targets_dtype}"]))
+            stored = deltakd.target_source(krun, cache).of(batch, krun.cfg.autocast)
             got = deltakd.chunk_loss(z.clone(), y, stored, spec)
             rest = stored.log_rest.exp()
             out.append((k, rest, float(got[2] / want[2] - 1), cosine(got[3], want[3])))
@@ -1020,11 +1030,11 @@ def cuda_time(fn, repeats):
 
 def bench_gpu(batch=4, max_len=2048, loss_tokens=8192, student_name="Qwen2.5-1.5B",
               teachers=("Qwen2.5-7B-Instruct", "Qwen2.5-7B"), device="cuda"):
-    """The GPU measurements of the paper-scale run in one command: deltakd.train_step tokens/s and MFU of the
+    """The GPU measurements of the paper-scale run in one command: deltakd.kd_step tokens/s and MFU of the
     Qwen2.5-1.5B student (random weights, written once to a temporary directory in bf16), batch 4 x 2048
     of real Ultrachat text, bf16 autocast, with and without checkpointing and compile; the Delta-KD step
     with the paper's three frozen models resident (the two 7B teachers built on the GPU with random weights
-    and handed to train_step as the deltakd.Target that load_target would return: 2 x 15 GB are never
+    and handed to kd_step as the deltakd.TargetSource that target_source would return: 2 x 15 GB are never
     written to disk), its peak memory; the chunked loss at 8,192 tokens vs dense; generation vs
     transformers at batch 16 x 256 new tokens; the DDP step over NCCL with one process vs the plain one."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -1040,8 +1050,8 @@ def bench_gpu(batch=4, max_len=2048, loss_tokens=8192, student_name="Qwen2.5-1.5
         flags.append("--autocast=bf16")
         shape = f"{student_name} student (random weights), batch {batch} × {max_len} of Ultrachat text, bf16 autocast"
 
-        def measure(name, run_flags, target=None):
-            r = step_run(root, name, flags + run_flags, target)
+        def measure(name, run_flags, source=None):
+            r = step_run(root, name, flags + run_flags, source)
             torch.cuda.reset_peak_memory_stats()
             first, rec = timed(lambda: (r.step(), torch.cuda.synchronize())[0])
             t = cuda_time(r.step, repeats=3)
@@ -1053,7 +1063,7 @@ def bench_gpu(batch=4, max_len=2048, loss_tokens=8192, student_name="Qwen2.5-1.5
         for ckpt, compiled in ((False, False), (True, False), (True, True)):
             m = sft[ckpt, compiled] = measure(f"sft-{ckpt}-{compiled}", ["--method=sft", f"--grad_checkpointing={ckpt}",
                                                                           f"--compile={compiled}"])
-            rows.append(Row("training step, SFT", "—", f"`deltakd.train_step`, {shape}, checkpointing={ckpt}, "
+            rows.append(Row("training step, SFT", "—", f"`deltakd.kd_step`, {shape}, checkpointing={ckpt}, "
                             f"compile={compiled}; mean of 3 after the first",
                             f"{m['tok_s']:.0f} tok/s, {m['mfu']}, peak {m['peak_gib']:.1f} GiB (first step {m['first']:.1f} s)"))
             if compiled:
@@ -1066,10 +1076,10 @@ def bench_gpu(batch=4, max_len=2048, loss_tokens=8192, student_name="Qwen2.5-1.5
                   "student_raw": qwen.Qwen.from_pretrained(os.path.join(root, "student"), torch.bfloat16, dev)}
         for m in frozen.values():
             m.eval().requires_grad_(False)
-        m = measure("delta", ["--method=delta", "--lam=0.5", "--grad_checkpointing=true"], deltakd.Target(frozen, None))
+        m = measure("delta", ["--method=delta", "--lam=0.5", "--grad_checkpointing=true"], deltakd.TargetSource(frozen, None))
         base = sft[True, False]
         rows.append(Row("training step, Delta-KD, frozen models live", "the SFT step, checkpointing on (above)",
-                        f"`deltakd.train_step`, {shape}, checkpointing on, frozen {', '.join(teachers)} and the raw "
+                        f"`deltakd.kd_step`, {shape}, checkpointing on, frozen {', '.join(teachers)} and the raw "
                         "student in bf16 (random weights); mean of 3 after the first",
                         f"{m['tok_s']:.0f} tok/s, {m['mfu']}, peak {m['peak_gib']:.1f} GiB; {m['t']:.2f} vs "
                         f"{base['t']:.2f} s: **{m['t'] / base['t']:.2f}x** the SFT step's time"))
@@ -1078,7 +1088,7 @@ def bench_gpu(batch=4, max_len=2048, loss_tokens=8192, student_name="Qwen2.5-1.5
         torch.cuda.empty_cache()
         rows += gpu_loss_rows(dev, loss_tokens)
         rows.append(gpu_generate_row(dev, student_name))
-        # NCCL, one process: the DDP path of train_step (the wrapper, no_sync, the all-reduces)
+        # NCCL, one process: the DDP path of kd_step (the wrapper, no_sync, the all-reduces)
         env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
         os.environ.update(env)
         try:
@@ -1090,7 +1100,7 @@ def bench_gpu(batch=4, max_len=2048, loss_tokens=8192, student_name="Qwen2.5-1.5
                 os.environ.pop(k, None)
         base = sft[False, False]
         rows.append(Row("training step under DDP (NCCL, 1 process)", "the plain SFT step (above)",
-                        f"`deltakd.train_step`, {shape}, checkpointing off; mean of 3 after the first",
+                        f"`deltakd.kd_step`, {shape}, checkpointing off; mean of 3 after the first",
                         f"{m['tok_s']:.0f} vs {base['tok_s']:.0f} tok/s: **{base['t'] / m['t']:.2f}x** the speed"))
     finally:
         shutil.rmtree(root, ignore_errors=True)

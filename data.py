@@ -7,13 +7,14 @@ Chat data -> supervised token batches for Qwen-2.5, with the exact ChatML chat t
         batch = collate([examples[i] for i in idx], pad_id)
     evals = eval_examples(eval_rows, tokenizer, max_len=1024)              # prompt, reference, forced pair
 
-In file order: reading rows (streamed) -> row formats -> the chat template (and the tokenizer files a
-checkpoint carries) -> tokenization -> checksums -> the token cache (big files, tokenized once) -> the
-target store (a distillation target computed once) -> batching -> evaluation examples.
+In file order: reading rows (streamed) -> row formats -> the chat template (the tokenizer, and the files a
+checkpoint carries) -> tokenization -> sealed directories (seal: every file's size and CRC-32, the one record
+of checkpoints, the token cache and target shards) and the out_dir lock -> the token cache (tokenized once)
+-> the target store (a distillation target computed once) -> batching -> held-out and evaluation examples.
 
 Faults end in one line: a bad row is named by file and line (path:LINE, from 1; 'path: row N' where a
 file has no lines), or skipped and counted with skip_bad_rows; a cache file or target shard changed
-after it was written fails its checksum and is built again, never trained on.
+after it was written fails its seal and is built again, never trained on.
 
 Row formats, recognised by their fields: `messages` (Ultrachat-200k; list of {role, content}),
 `problem` + `generated_solution` (OpenMathReasoning), `prompt` + `response`, `instruction` [+ `input`]
@@ -26,6 +27,8 @@ next-token shift happens in the loss. Supervised = every assistant turn's conten
 """
 
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -37,8 +40,9 @@ import zlib
 from typing import NamedTuple
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from qwen import atomic_dir
+from qwen import atomic_dir, remove_leftovers
 
 IGNORE_INDEX = -100
 # the default system prompts of the two chat templates in Qwen2.5's tokenizer_config.json
@@ -292,6 +296,22 @@ def row_segments(row, system_prompt=SYSTEM_PROMPT_BASE):
     return chat_segments(to_messages(row), system_prompt)
 
 
+def load_tokenizer(path, model_dirs):
+    """The tokenizer.json at path, refused in one line where it is missing or where a tokenizer.json in one of
+    model_dirs ({role: directory}) has another vocabulary: every model must share one."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"no tokenizer: {path} does not exist (pass --tokenizer=.../tokenizer.json)")
+    tokenizer = Tokenizer.from_file(path)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    for role, directory in model_dirs.items():
+        other = os.path.join(directory, "tokenizer.json")
+        if os.path.isfile(other) and os.path.abspath(other) != os.path.abspath(path):
+            if Tokenizer.from_file(other).get_vocab(with_added_tokens=True) != vocab:
+                raise SystemExit(f"tokenizer mismatch: {other} (--{role}) differs from {path}; "
+                                 "all models must share one tokenizer")
+    return tokenizer
+
+
 def write_tokenizer_files(directory, tokenizer_path, system_prompt):
     """tokenizer.json, tokenizer_config.json and generation_config.json beside the weights, so that
     transformers' AutoTokenizer renders exactly render_chat (the official Qwen2.5 chat template
@@ -431,8 +451,9 @@ def merge_segments(segs):
     return out
 
 # -----------------------------------------------------------------------------
-# checksums: every file a run trusts (the token cache, the target shards) carries the CRC-32 of its bytes,
-# computed as it is written and compared when it is opened for a run. CRC-32 (zip's, gzip's) catches
+# checksums: every directory a run writes whole and trusts later (a checkpoint, the token cache, a target
+# shard) is sealed: sealed.json, written last, holds every other file's size and CRC-32, compared when a run
+# opens it. CRC-32 (zip's, gzip's) catches
 # every burst of up to 32 changed bits and misses other damage with odds of 2^-32: a guard against
 # accidents (bit rot, an edit in place, a copy cut short), not against an adversary. On one core of the
 # bench machine zlib's runs at 5-6 GB/s, sha256 at 1.9 (with SHA-NI), blake2b at 1.3 (bench.py data).
@@ -455,6 +476,47 @@ def scan(path, dtype=None):
 def out_of_vocab(name, top, vocab):
     return f"{name} holds token id {top:,}, outside the vocabulary of {vocab:,} ids"
 
+
+SEAL = "sealed.json"
+
+
+def seal(directory):
+    """Writes directory/sealed.json: {file: [size, CRC-32]} of every other file, read back once (from the page
+    cache, just written). Last, inside atomic_dir: a directory without its seal is never trusted."""
+    files = {}
+    for name in sorted(set(os.listdir(directory)) - {SEAL}):
+        path = os.path.join(directory, name)
+        files[name] = [os.path.getsize(path), scan(path)[0]]
+    with open(os.path.join(directory, SEAL), "w") as f:
+        json.dump(files, f, indent=1)
+
+
+def seal_damage(directory, bounds=None, full=True):
+    """Why the files of a sealed directory are not the ones written (None if they are): no seal, a file missing
+    or of another size; with full (every file read once), one whose CRC-32 differs, or holding a value at or
+    above its bound (bounds {file: (dtype, bound)}: token ids against the vocabulary). Sizes alone are cheap,
+    for polling."""
+    try:
+        with open(os.path.join(directory, SEAL)) as f:
+            files = json.load(f)
+        for name, (size, _) in files.items():
+            have = os.path.getsize(os.path.join(directory, name)) if os.path.isfile(os.path.join(directory, name)) \
+                else None
+            if have != size:
+                return f"{name} has {'no' if have is None else f'{have:,}'} bytes, {size:,} were written"
+        for name, (_, crc) in files.items() if full else ():
+            dtype, bound = (bounds or {}).get(name, (None, None))
+            got, top = scan(os.path.join(directory, name), dtype)
+            if got != crc:
+                return f"{name} fails its checksum (changed after it was written)"
+            if bound is not None and top >= bound:
+                return out_of_vocab(name, top, bound)
+    except FileNotFoundError:
+        return f"no {SEAL} (cut short, or written by an older deltakd)"
+    except (OSError, ValueError, TypeError) as e:  # json's errors are ValueErrors; a seal of another shape
+        return f"unreadable ({first_line(e)})"
+    return None
+
 # -----------------------------------------------------------------------------
 # the token cache: every example of a data file tokenized once, memory-mapped by every rank
 #
@@ -464,11 +526,11 @@ def out_of_vocab(name, top, vocab):
 #   span_offsets.i64  (N + 1,) where example i's spans start
 #   rows.i64        (N,) the data file's row number of each example
 #   line_offsets.i64  (R,) byte offset of every .jsonl row (evaluation rows are read back by seeking)
-#   meta.json       the key, counts, each file's CRC-32 and the statistics; written last, and the
-#                   directory is renamed into place only when complete, so a killed build never leaves
-#                   a cache a run trusts
+#   meta.json       the key and the statistics
+#   sealed.json     every file's size and CRC-32 (seal), written last; the directory is renamed into place
+#                   only when complete, so a killed build never leaves a cache a run trusts
 
-CACHE_FORMAT = 2  # 2: meta.json holds checksums; a cache without them is rebuilt, not trusted
+CACHE_FORMAT = 3  # 3: sealed; a cache of another format has another key, so it is rebuilt, never trusted
 CACHE_ARRAYS = {"input_ids": np.uint32, "offsets": np.int64, "spans": np.int32, "span_offsets": np.int64,
                 "rows": np.int64, "line_offsets": np.int64}
 
@@ -500,13 +562,45 @@ def cache_dir_for(root, key):
 
 
 # written by rank 0, read by every rank: the other ranks wait on the file system, and a directory whose key
-# differs from the run's is refused or rebuilt, naming what differs
+# differs from the run's is refused or rebuilt, naming what differs; one run at a time per out_dir
+
+
+def open_cache(data_path, tokenizer, key, root, rank, log=None):
+    """The TokenCache of a data file for key, in root: rank 0 builds it unless an intact one is there (a damaged
+    one is rebuilt, saying why; each build is a line of root/build.log), the other ranks wait for it. Every token
+    id is checked against the tokenizer's vocabulary, with every file's checksum. log (rank 0's, or None) gets
+    the progress and the statistics; skipped rows are named, and a cache with no example stops the run."""
+    where, vocab = cache_dir_for(root, key), tokenizer.get_vocab_size()
+    if rank == 0:
+        why = check_cache(where, key, vocab)
+        if why:
+            if os.path.exists(where):
+                print(f"token cache {where}: {why}; rebuilding it", flush=True)
+            elif log:
+                log(f"token cache: tokenizing {data_path} into {where}")
+            stats = build_cache(data_path, tokenizer, where, key, log)
+            with open(os.path.join(root, "build.log"), "a") as f:  # one line per build: who built what, when
+                f.write(json.dumps({"cache": os.path.basename(where), "time": time.time(), "pid": os.getpid(),
+                                    "host": os.uname().nodename, **stats}) + "\n")
+    else:
+        wait_until(lambda: check_cache(where, key, vocab) is None, f"rank 0 to build or check the token cache {where}",
+                   rank)
+    cache = TokenCache(where)
+    stats = cache.meta["stats"]
+    if log:
+        log(f"data {data_path}: {stats} (cache {where})")
+    if rank == 0 and stats["bad_rows_skipped"]:
+        print(f"{data_path}: skipped {stats['bad_rows_skipped']:,} bad row(s) (--skip_bad_rows=true); the first: "
+              f"{stats['first_bad_rows'][0]}", flush=True)
+    if len(cache) == 0:
+        raise SystemExit(f"{data_path}: no example has a supervised (assistant) token within max_len={key['max_len']}")
+    return cache
 
 
 def differing(a, b, prefix=""):
-    # the dotted names of the keys whose values differ between two nested dicts ("tokens.max_len")
+    # (dotted name, a's value, b's value) of each key whose values differ between two nested dicts ("tokens.max_len")
     if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [] if a == b else [prefix or "(everything)"]
+        return [] if a == b else [(prefix or "(everything)", a, b)]
     return [d for k in sorted(set(a) | set(b)) for d in differing(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)]
 
 
@@ -519,6 +613,39 @@ def wait_until(ready, what, rank, every=300):
             print(f"rank 1: waiting for {what} ({time.time() - t0:.0f}s so far)", flush=True)
             next_note += every
         time.sleep(1)
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """One run per out_dir: rank 0 holds an flock on out_dir/.lock for the run's life (the kernel drops it when
+    the process dies, so a crashed run never blocks the next); a second run refuses, naming the holder. It
+    also removes what a killed run left of a checkpoint it was writing (qwen.remove_leftovers)."""
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun's other ranks share rank 0's lock
+        yield
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"--out_dir={out_dir} is not writable: {e}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that has not written its name yet"
+            raise SystemExit(f"--out_dir={out_dir} is in use by another run ({holder}); wait for it to finish or "
+                             "choose another --out_dir") from None
+        except OSError as e:  # a file system without locks (some network ones)
+            raise SystemExit(f"{lock.name}: cannot lock it ({e}); use an --out_dir on a local file system") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        removed, size = remove_leftovers(out_dir, "ckpt-*")
+        if removed:
+            print(f"{out_dir}: removed {removed} partial checkpoint(s) left by a killed run ({size / 1e9:.2f} GB)",
+                  flush=True)
+        yield
 
 
 class TokenCache:
@@ -559,25 +686,23 @@ def check_cache(path, key, vocab=None):
     checksum, and, given vocab, every token id must be below it. A cache found damaged is remembered by
     its files' identities, so a rank polling here each second (wait_until) while rank 0 rebuilds it does
     not read it again; an intact one is read in full at each call (once per run)."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        return "no meta.json (an interrupted build)"
     try:
-        with open(meta_path) as f:
+        with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
+    except FileNotFoundError:
+        return "no meta.json (an interrupted build)"
     except (OSError, json.JSONDecodeError) as e:
         return f"meta.json unreadable ({e})"
     if meta.get("key") != key:
         return "its key differs from this run's"
-    for name, dt in CACHE_ARRAYS.items():
-        p, want = os.path.join(path, f"{name}.bin"), meta["counts"][name] * np.dtype(dt).itemsize
-        if not os.path.isfile(p) or os.path.getsize(p) != want:
-            return f"{name}.bin has {os.path.getsize(p) if os.path.isfile(p) else 'no'} bytes, meta.json says {want}"
-    files = [meta_path] + [os.path.join(path, f"{name}.bin") for name in CACHE_ARRAYS]
+    why = seal_damage(path, full=False)
+    if why:
+        return why
     try:
-        stamp = (path, vocab, *((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, files)))
+        stats = [os.stat(os.path.join(path, name)) for name in sorted(os.listdir(path))]
+        stamp = (path, vocab, *((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats))
         if stamp not in DAMAGED_CACHES:
-            why = cache_damage(path, meta, vocab)
+            why = seal_damage(path, {"input_ids.bin": (np.uint32, vocab)} if vocab else None) or offsets_damage(path)
             if why is None:
                 return None
             DAMAGED_CACHES[stamp] = why
@@ -586,14 +711,8 @@ def check_cache(path, key, vocab=None):
         return f"unreadable ({first_line(e)})"
 
 
-def cache_damage(path, meta, vocab):
-    # check_cache's full read: None, or why the files are not what the build wrote
-    for name, dt in CACHE_ARRAYS.items():
-        crc, top = scan(os.path.join(path, f"{name}.bin"), dt if name == "input_ids" and vocab else None)
-        if crc != meta.get("crc32", {}).get(name):
-            return f"{name}.bin fails its checksum (changed after it was written)"
-        if vocab and top >= vocab:
-            return out_of_vocab(f"{name}.bin", top, vocab)
+def offsets_damage(path):
+    # check_cache's last check: the offsets index the arrays they index (None), or why not
     c = TokenCache(path)
     if len(c.offsets) != len(c.rows) + 1 or (len(c.offsets) and c.offsets[-1] != len(c.input_ids)) \
             or (len(c.span_offsets) and c.span_offsets[-1] != len(c.spans)):
@@ -623,13 +742,14 @@ def build_cache(data_path, tokenizer, path, key, log=print, block_rows=2048):
                     last_log = time.time()
                     n_read, pos = rows[-1][0] + 1, rows[-1][1]
                     done = n_read / total_rows if total_rows else pos / total_bytes if pos > 0 else 0
-                    log(progress_line(n_read, cache.counts["input_ids"], last_log - t0, done))
+                    log(progress_line(n_read, cache.tokens, last_log - t0, done))
             if pending is not None:
                 cache.append(*pending.result())
         stats = dict(cache.stats, seconds=round(time.time() - t0, 1))
         stats["first_bad_rows"] = bad_row_lines(data_path, stats["first_bad_rows"])
-        with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: a cache without it is never trusted
-            json.dump({"key": key, "counts": cache.counts, "crc32": cache.crc32, "stats": stats}, f, indent=1)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"key": key, "stats": stats}, f, indent=1)
+        seal(tmp)
     return stats
 
 
@@ -647,16 +767,19 @@ def row_blocks(data_path, max_rows, block_rows):
 
 
 class CacheWriter:
-    """The flat files of a cache under construction, open for appending; counts what each holds, its
-    CRC-32 (of the bytes as they are written: the build reads nothing back) and totals encode_block's
-    statistics, all for meta.json."""
+    """The flat files of a cache under construction, open for appending; counts what each holds and totals
+    encode_block's statistics, for meta.json."""
 
     def __init__(self, directory):
         self.files = {name: open(os.path.join(directory, f"{name}.bin"), "wb") for name in CACHE_ARRAYS}
-        self.counts, self.crc32 = dict.fromkeys(CACHE_ARRAYS, 0), dict.fromkeys(CACHE_ARRAYS, 0)
+        self.counts = dict.fromkeys(CACHE_ARRAYS, 0)
         self.stats = new_stats()
         self.write("offsets", [0])  # example i spans offsets[i]:offsets[i + 1], so the first starts at 0
         self.write("span_offsets", [0])
+
+    @property
+    def tokens(self):
+        return self.counts["input_ids"]
 
     def __enter__(self):
         return self
@@ -669,7 +792,6 @@ class CacheWriter:
         a = np.ascontiguousarray(values, dtype=CACHE_ARRAYS[name])
         a.tofile(self.files[name])
         self.counts[name] += a.size
-        self.crc32[name] = zlib.crc32(a, self.crc32[name])
 
     def append(self, examples, stats):
         # encode_block's output: (input_ids, spans, row_number) per example, and the block's stats
@@ -695,17 +817,17 @@ def progress_line(rows_read, tokens, seconds, done):
 # the target pass (deltakd.compute_targets) and memory-mapped by every rank
 
 
-# 2: each shard holds crc32.json. The store's key (deltakd.targets_key) carries it: an older store is refused
-STORE_FORMAT = 2
+# 3: each shard is sealed. The store's key (deltakd.targets_key) carries it: an older store is refused
+STORE_FORMAT = 3
 
 
 class TargetStore:
     """DIR/shard-NNNNN/{ids,logp,rest}.bin: (M, K) uint32 ids, (M, K) log-probabilities and (M,) float32
     log rest mass for the M supervised positions of examples [N*shard, (N+1)*shard) of the cache, in
-    example order and, within an example, position order (the loss's), and crc32.json, their checksums,
-    written last. A shard directory gets its name only when complete, so a half-written shard is never
-    read. DIR/key.json says what the targets depend on (deltakd.targets_key, whose "format" is
-    STORE_FORMAT): a store for another key is refused, naming what differs."""
+    example order and, within an example, position order (the loss's), sealed (seal). A shard directory
+    gets its name only when complete, so a half-written shard is never read. DIR/key.json says what the
+    targets depend on (deltakd.targets_key, whose "format" is STORE_FORMAT): a store for another key is
+    refused, naming what differs."""
 
     def __init__(self, directory, cache, key):
         self.dir, self.key, self.k, self.shard = directory, key, key["topk"], key["shard"]
@@ -728,7 +850,21 @@ class TargetStore:
             theirs = json.load(f)
         if theirs != self.key:
             raise SystemExit(f"--targets_dir={self.dir} holds targets for another run (differs in: "
-                             f"{', '.join(differing(theirs, self.key))}); use another directory or delete it")
+                             f"{', '.join(k for k, _, _ in differing(theirs, self.key))}); use another directory or "
+                             "delete it")
+
+    def todo(self, rank, world):
+        """The shards this rank computes: every world-th one that is not intact. A damaged one is removed first, so
+        that no rank waiting for it takes it as complete."""
+        self.open_or_claim(rank)
+        todo = []
+        for s in range(rank, self.n_shards, world):  # each rank reads the shards it owns, whole
+            why = self.damage(s)
+            if why and os.path.isdir(self.shard_dir(s)):
+                print(f"targets: {self.shard_dir(s)}: {why}; computing it again", flush=True)
+                shutil.rmtree(self.shard_dir(s))
+            todo += [s] if why else []
+        return todo
 
     def rows(self, s):
         return int(self.offsets[min((s + 1) * self.shard, self.n_examples)] - self.offsets[s * self.shard])
@@ -744,52 +880,24 @@ class TargetStore:
                 "rest": (os.path.join(d, "rest.bin"), np.float32, (M,))}
 
     def complete(self, s):
-        """Cheap, for polling: the shard's files have their sizes and its checksums were written (last)."""
-        return os.path.isfile(os.path.join(self.shard_dir(s), "crc32.json")) and not self.wrong_size(s)
-
-    def wrong_size(self, s):
-        for name, (p, dt, shape) in self.files(s).items():
-            want = np.dtype(dt).itemsize * math.prod(shape)
-            have = os.path.getsize(p) if os.path.isfile(p) else None
-            if have != want:
-                return f"{name}.bin has {'no' if have is None else f'{have:,}'} bytes, {want:,} expected"
-        return None
+        # cheap, for polling: the shard is sealed and its files have their sizes
+        return seal_damage(self.shard_dir(s), full=False) is None
 
     def damage(self, s):
-        """Why shard s cannot be used, None if it can: not written, a file missing or of the wrong size, no
-        checksums (cut short, or written before they existed), a file that fails its checksum, an id
-        outside the vocabulary. Reads the whole shard (the target pass checks each before trusting it)."""
+        """Why shard s cannot be used, None if it can: not written, or its seal's (seal_damage: a file missing,
+        of another size or failing its checksum, an id outside the vocabulary). Reads the whole shard (the
+        target pass checks each before trusting it)."""
         if not os.path.isdir(self.shard_dir(s)):
             return "not computed"
-        sums_path = os.path.join(self.shard_dir(s), "crc32.json")
-        why = self.wrong_size(s) or (None if os.path.isfile(sums_path) else
-                                     "no crc32.json (cut short, or written before shards had checksums)")
-        if why:
-            return why
-        try:
-            with open(sums_path) as f:
-                sums = json.load(f)
-            for name, (p, dt, _) in self.files(s).items():
-                crc, top = scan(p, dt if name == "ids" else None)
-                if not isinstance(sums, dict) or crc != sums.get(name):
-                    return f"{name}.bin fails its checksum (changed after it was written)"
-                if top >= self.key["vocab"]:
-                    return out_of_vocab(f"{name}.bin", top, self.key["vocab"])
-        except (OSError, ValueError) as e:  # json's errors are ValueErrors
-            return f"unreadable ({first_line(e)})"
-        return None
+        return seal_damage(self.shard_dir(s), {"ids.bin": (np.uint32, self.key["vocab"])})
 
     def write(self, s, arrays):
-        # arrays {"ids", "logp", "rest"} of the shard's rows; each file's CRC-32 of the bytes as written
+        # arrays {"ids", "logp", "rest"} of the shard's rows
         with atomic_dir(self.shard_dir(s)) as tmp:  # over a damaged one, if any
-            sums = {}
             for name, (p, dt, shape) in self.files(s, tmp).items():
                 assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
-                a = np.ascontiguousarray(arrays[name], dtype=dt)
-                a.tofile(p)
-                sums[name] = zlib.crc32(a)
-            with open(os.path.join(tmp, "crc32.json"), "w") as f:  # last: a shard without it is never trusted
-                json.dump(sums, f)
+                np.ascontiguousarray(arrays[name], dtype=dt).tofile(p)
+            seal(tmp)
 
     def get(self, examples):
         """{"ids", "logp", "rest"}: the rows of these examples, concatenated in the given order."""
@@ -898,6 +1006,26 @@ def split_rows(rows, eval_size, seed):
     """(train_rows, eval_rows) of rows held in memory, disjoint, as held_out_rows chooses them."""
     held = set(held_out_rows(np.arange(len(rows)), len(rows), eval_size, seed).tolist())
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def held_out_split(cache, data_path, eval_size, seed):
+    """(training example indices, the held-out rows) of a TokenCache of data_path: the rows held_out_rows chooses
+    among those in the cache, read back from the file alone."""
+    held = held_out_rows(cache.rows, cache.meta["stats"]["rows"], eval_size, seed)
+    found = read_rows_at(data_path, held, cache.line_offsets)
+    return np.flatnonzero(~np.isin(cache.rows, held)), [found[n] for n in held.tolist()]
+
+
+def write_answered(path, data_path, max_rows, rows, answers):
+    """path: a .jsonl of the first exchange (first_exchange) of each of data_path's rows (row numbers, ascending)
+    with answers' answer in place of its own; a row whose answer is empty is left out. Written atomically."""
+    wanted = set(rows)
+    firsts = (first_exchange(row) for n, _, row in iter_rows(data_path, max_rows, keep_bad=True) if n in wanted)
+    with open(path + ".tmp", "w") as f:
+        for msgs, answer in zip(firsts, answers):
+            if answer.strip():
+                f.write(json.dumps({"messages": msgs[:-1] + [{"role": "assistant", "content": answer}]}) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def first_exchange(row):

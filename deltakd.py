@@ -2,9 +2,10 @@
 Delta Knowledge Distillation (Cao, Kang, Xing, Jiang 2025, arXiv 2509.14526): the loss and a plain
 DDP training loop, one code path from one CPU process to torchrun on 8 GPUs.
 
-    python deltakd.py                                   # the demo: the whole method on bundled data, CPU
     python deltakd.py --method=delta --student=DIR --teacher_ft=DIR --teacher_raw=DIR --train_data=FILE
     torchrun --nproc_per_node=8 deltakd.py --method=delta ...
+    python deltakd.py --dry_run=true ...                 # the per-GPU memory plan, from config.json alone
+    python assets/demo/demo.py                           # the demo: the whole method on bundled data, CPU
 
 The student learns the shift the teacher acquired in finetuning rather than its absolute output:
     pi*(y|x) = (1/Z) pi_t^ft(y|x) (pi_s^raw(y|x) / pi_t^raw(y|x))^alpha,   each pi = softmax(z / tau)
@@ -12,22 +13,19 @@ The student learns the shift the teacher acquired in finetuning rather than its 
     L = lam * L_SFT + (1 - lam) * KL(pi* || pi_theta),   averaged over supervised (assistant) tokens.
 alpha = 0 is forward-KL distillation from the finetuned teacher; lam = 1 is SFT.
 
-Sections, in this order: config and METHODS -> the loss -> distributed set-up, models, data ->
-stored targets -> evaluation -> checkpoints -> training -> dry run -> the demo -> main.
+Sections: config and METHODS, the loss, set-up/models/data, stored targets, evaluation, checkpoints,
+training (the KD step, the MiniLLM step, the loop), dry run, main.
 """
 
-import collections
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import glob
 import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -47,16 +45,14 @@ import data
 import qwen
 import rouge
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 # -----------------------------------------------------------------------------
-# all hyperparameters, overridden by --key=value
+# all hyperparameters, overridden by --key=value; parse_args writes each method's settings in (resolve)
 
 
 @dataclasses.dataclass
 class Config:
     # models (HF-format directories); which ones a run reads is decided in model_dirs
-    student: str = ""           # raw student: the initialisation, and pi_s^raw for delta. Empty: run the demo
+    student: str = ""           # raw student: the initialisation, and pi_s^raw for delta
     teacher_ft: str = ""        # finetuned teacher pi_t^ft (e.g. Qwen2.5-7B-Instruct)
     teacher_raw: str = ""       # raw teacher pi_t^raw (e.g. Qwen2.5-7B)
     student_raw: str = ""       # pi_s^raw if it is not the initialisation (default: --student)
@@ -70,10 +66,10 @@ class Config:
     system_prompt: str = data.SYSTEM_PROMPT_BASE
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     cache_dir: str = ""         # token caches (tokenized once, shared by runs on the same data); default out_dir/cache
-    # method
+    # method (METHODS fixes some of these per method; a setting the run does not read becomes None)
     method: str = "delta"       # sft | fkl | rkl | delta | seqkd | minillm (see METHODS)
-    divergence: str = "fkl"     # delta only: fkl = KL(pi* || pi_theta) (the paper), rkl = KL(pi_theta || pi*)
-    lam: float = 0.5            # weight of the SFT term (forced to 1 for sft and seqkd)
+    divergence: str = "fkl"     # delta: fkl = KL(pi* || pi_theta) (the paper), rkl = KL(pi_theta || pi*)
+    lam: float = 0.5            # weight of the SFT term
     alpha: float = 1.0          # strength of the finetuning shift; 0: the raw models are not loaded
     temperature: float = 1.0
     # on-policy distillation: answers sampled from the student, scored by the frozen models live
@@ -87,6 +83,7 @@ class Config:
     reward_gamma: float = 0.95  # discount of the reward-to-go
     reward_scaling: float = 0.5  # r_t = clip((log p - log q_theta) / scaling, +-reward_clip)
     reward_clip: float = 100.0
+    seqkd_max_new_tokens: int = 256  # SeqKD: the longest teacher answer
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
     targets_dir: str = ""       # empty: frozen models run live at every step
     topk: int = 64              # target probabilities kept per supervised token (+ the mass of the rest)
@@ -107,7 +104,7 @@ class Config:
     grad_clip: float = 1.0      # 0 disables
     zero: bool = False          # shard AdamW state across ranks (ZeroRedundancyOptimizer)
     grad_checkpointing: bool = False
-    compile: bool = False       # torch.compile the student, the frozen models (lengths padded to a multiple of 64) and the loss chunk
+    compile: bool = False       # torch.compile the student, frozen models and loss chunk (lengths padded to x64)
     loss_impl: str = "chunked"  # chunked (memory-flat) | dense (full logits, for checking)
     chunk_size: int = 512       # supervised tokens per loss chunk: 3 (chunk, vocab) fp32 buffers for a KD term
     teacher_dtype: str = "bfloat16"  # frozen models; the student trains in fp32
@@ -118,7 +115,6 @@ class Config:
     eval_temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature, top_p 1 (MiniLLM / DistiLLM)
     eval_seeds: int = 1         # sampled answers per prompt (seeds seed, seed+1, ...); ROUGE is their mean
     eval_batch_size: int = 16
-    seqkd_max_new_tokens: int = 256
     # run
     out_dir: str = "out"
     save_every: int = 0         # 0: only at the end
@@ -131,45 +127,67 @@ class Config:
     quiet: bool = False         # no per-step lines (metrics.jsonl is still written)
     dry_run: bool = False       # print the per-GPU memory plan and FLOPs per step from config.json alone, then exit
     eval_only: bool = False     # score --student on --eval_data (with --teacher_ft: the teacher-forced KL) and stop
-    full_comparison: bool = False  # the demo only: 3 seeds, Delta-KD at alpha 0, 0.5, 1 and with stored top-k
-    demo_raw_models: str = ""   # the demo only: its raw models and tokenizer (default the bundled assets/demo)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    divergence: str | None = None   # the KD term's divergence (a DIVERGENCES key); None: no KD term
-    divergence_flag: bool = False   # --divergence replaces it
+    forced: dict = dataclasses.field(default_factory=dict)  # the settings it fixes; divergence None: no KD term
     shift: bool = False             # the target adds the finetuning shift alpha (z_s^raw - z_t^raw): Delta-KD
-    lam: float | None = None        # forced lambda; None: --lam
     generator: str | None = None    # seqkd: the model whose greedy answers replace the training answers
-    on_policy: float | None = None  # forced share of micro-batches sampled from the student; None: --on_policy
     policy_gradient: bool = False   # MiniLLM: the KD term (reverse KL) plus a PPO policy gradient on the samples
     lr: float | None = None         # the method's own default --lr (where --lr is not given)
 
 
-# the one table of methods: everything else reads it
+# the one table of methods: everything else reads it, through the settings resolve writes into the config
 METHODS = {
-    "sft": Method(lam=1.0),
-    "fkl": Method(divergence="fkl"),
-    "rkl": Method(divergence="rkl"),
-    "delta": Method(divergence="fkl", divergence_flag=True, shift=True),
-    "seqkd": Method(lam=1.0, generator="teacher_ft"),
-    # LMOps' MiniLLM without its optional language-modelling term on a pretraining corpus (README)
-    "minillm": Method(divergence="rkl", lam=0.0, on_policy=1.0, policy_gradient=True, lr=5e-6),
+    "sft": Method(forced={"divergence": None, "lam": 1.0}),
+    "fkl": Method(forced={"divergence": "fkl"}),
+    "rkl": Method(forced={"divergence": "rkl"}),
+    "delta": Method(shift=True),  # --divergence: fkl (the paper's) or rkl
+    "seqkd": Method(forced={"divergence": None, "lam": 1.0}, generator="teacher_ft"),
+    # LMOps' MiniLLM without its optional language-modelling term on a pretraining corpus (docs/minillm.md);
+    # its samples have no labels (lam 0), and its weights, rewards and KL are at temperature 1
+    "minillm": Method(forced={"divergence": "rkl", "lam": 0.0, "on_policy": 1.0, "temperature": 1.0,
+                              "on_policy_temperature": 1.0}, policy_gradient=True, lr=5e-6),
 }
 MINILLM_KEYS = ("ppo_epochs", "ppo_clip", "teacher_mix", "reward_gamma", "reward_scaling", "reward_clip")
 
 
-def divergence_of(cfg):
-    # the run's KD divergence, None for a method without a KD term
-    method = METHODS[cfg.method]
-    return cfg.divergence if method.divergence_flag else method.divergence
+def resolve(cfg, given):
+    """Writes into cfg the settings the method makes, so that the printed config and run.json say what the run
+    does: METHODS' forced values, then None (or off) for each setting the run does not read. A flag in given that
+    says otherwise is refused in one line, naming it and why."""
+    name, method = f"--method={cfg.method}", METHODS[cfg.method]
 
+    def fix(settings, why):
+        for key, value in settings.items():
+            if key in given and getattr(cfg, key) != value:
+                raise SystemExit(f"--{key}={getattr(cfg, key)} has no effect: {why(value)}")
+            setattr(cfg, key, value)
 
-def on_policy_of(cfg):
-    # the share of micro-batches answered by the student's own samples
-    method = METHODS[cfg.method]
-    return cfg.on_policy if method.on_policy is None else method.on_policy
+    fix(method.forced, lambda v: f"{name} does not read it" if v is None else f"{name} fixes it at {v}")
+    rules = [(lambda: not method.shift, {"alpha": None}, f"{name} has no finetuning shift (delta's)"),
+             (lambda: cfg.divergence is None, {"temperature": None, "on_policy": 0.0, "targets_dir": ""},
+              f"{name} has no teacher distribution"),
+             (lambda: cfg.on_policy, {"targets_dir": ""}, "the samples change at every step, so no stored target "
+              "can score them; drop --targets_dir (the frozen models then run live)"),
+             (lambda: cfg.on_policy == 1, {"lam": 0.0}, "at --on_policy=1 every answer is the student's own "
+              "sample, which has no labels"),
+             (lambda: not cfg.on_policy, {"on_policy_temperature": None, "on_policy_max_new_tokens": None},
+              "it goes with --on_policy > 0"),
+             (lambda: not method.policy_gradient, dict.fromkeys(MINILLM_KEYS), "it goes with --method=minillm"),
+             (lambda: not method.generator, {"seqkd_max_new_tokens": None}, "it goes with --method=seqkd"),
+             (lambda: not cfg.targets_dir, {"topk": None, "targets_dtype": None, "targets_shard": None,
+                                            "targets_only": False}, "it goes with --targets_dir"),
+             (lambda: cfg.eval_data, {"eval_size": None}, "--eval_data is the held-out set"),
+             (lambda: not cfg.eval_temperature, {"eval_seeds": None}, "it goes with --eval_temperature > 0 "
+              "(greedy answers are scored once)")]
+    for applies, settings, why in rules:  # in order: each condition sees what the rules before it wrote
+        if applies():
+            fix(settings, lambda v: why)
+    if method.lr is not None and "lr" not in given:
+        cfg.lr = method.lr
+    return cfg
 
 
 # the values each numeric flag accepts, refused in parse_args before any work (a float must also be finite)
@@ -177,96 +195,66 @@ FLAG_RANGES = [
     (("batch_size", "grad_accum", "epochs", "topk", "targets_shard", "chunk_size", "eval_batch_size", "eval_seeds",
       "seqkd_max_new_tokens", "on_policy_max_new_tokens", "ppo_epochs"), lambda v: v >= 1, ">= 1"),
     (("max_rows", "eval_size", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "alpha", "eval_every",
-      "eval_max_new_tokens",
-      "eval_temperature", "save_every", "keep_last", "peak_tflops", "on_policy_temperature"), lambda v: v >= 0, ">= 0"),
+      "eval_max_new_tokens", "eval_temperature", "save_every", "keep_last", "peak_tflops", "on_policy_temperature"),
+     lambda v: v >= 0, ">= 0"),
     (("lr", "temperature", "ppo_clip", "reward_scaling", "reward_clip"), lambda v: v > 0, "> 0"),
     (("lam", "min_lr_ratio", "on_policy", "reward_gamma"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("beta1", "beta2", "teacher_mix"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_len",), lambda v: v >= 2, ">= 2 (a prompt token and a supervised one)"),
 ]
+CHOICES = {"method": tuple(METHODS), "divergence": ("fkl", "rkl"), "loss_impl": ("chunked", "dense"),
+           "targets_dtype": ("float16", "float32"), "autocast": ("auto", "bf16", "none"),
+           "teacher_dtype": ("bfloat16", "float16", "float32")}
 
 
-def parse_args(argv, cfg=None):
-    cfg = cfg or Config()
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
-    given = set()
+BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def parse_flags(argv):
+    """(cfg, the keys given) from --key=value flags, each type-, range- and choice-checked; nothing resolved."""
+    cfg, given, types = Config(), set(), {f.name: f.type for f in dataclasses.fields(Config)}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"arguments are --key=value, got {arg!r}")
         key, val = arg[2:].split("=", 1)
         if key not in types:
             raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(types)}")
-        typ = types[key]
         try:
-            if typ is bool:
-                if val.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                v = val.lower() in ("true", "1")
-            else:
-                v = typ(val)
-        except ValueError:
-            raise SystemExit(f"--{key}={val}: expected {typ.__name__}") from None
-        setattr(cfg, key, v)
+            setattr(cfg, key, BOOLS[val.lower()] if types[key] is bool else types[key](val))
+        except (KeyError, ValueError):
+            raise SystemExit(f"--{key}={val}: expected {types[key].__name__}") from None
         given.add(key)
     for keys, ok, text in FLAG_RANGES:
         for key in keys:
             v = getattr(cfg, key)
             if not (ok(v) and math.isfinite(v)):
                 raise SystemExit(f"--{key}={v}: must be {text} and finite")
-    if cfg.method not in METHODS:
-        raise SystemExit(f"--method={cfg.method}: expected one of {', '.join(METHODS)}")
-    if METHODS[cfg.method].lr is not None and "lr" not in given:
-        cfg.lr = METHODS[cfg.method].lr
-    if "divergence" in given and not METHODS[cfg.method].divergence_flag:
-        raise SystemExit(f"--divergence has no effect with --method={cfg.method} (only delta takes it)")
-    if cfg.divergence not in DIVERGENCES or cfg.loss_impl not in ("chunked", "dense"):
-        raise SystemExit(f"--divergence is one of {', '.join(DIVERGENCES)}; --loss_impl is chunked or dense")
-    if cfg.targets_dir and divergence_of(cfg) is None:
-        raise SystemExit(f"--targets_dir has no effect with --method={cfg.method} (no teacher distribution)")
-    if on_policy_of(cfg) and divergence_of(cfg) is None:
-        raise SystemExit(f"--on_policy has no effect with --method={cfg.method} (no teacher distribution to score "
-                         "the samples with)")
-    if on_policy_of(cfg) and cfg.targets_dir:
-        on_policy = "--on_policy" if METHODS[cfg.method].on_policy is None else f"--method={cfg.method}"
-        raise SystemExit(f"{on_policy} with --targets_dir: the samples change at every step, so no stored target can "
-                         "score them; drop --targets_dir (the frozen models then run live)")
-    if METHODS[cfg.method].on_policy is not None and "on_policy" in given:
-        raise SystemExit(f"--on_policy has no effect with --method={cfg.method} (it samples every micro-batch)")
-    if {"on_policy_temperature", "on_policy_max_new_tokens"} & given and not on_policy_of(cfg):
-        raise SystemExit("--on_policy_temperature and --on_policy_max_new_tokens go with --on_policy > 0")
-    if not METHODS[cfg.method].policy_gradient and set(MINILLM_KEYS) & given:
-        raise SystemExit(f"--{' --'.join(sorted(set(MINILLM_KEYS) & given))} go with --method=minillm")
-    if METHODS[cfg.method].policy_gradient and {"temperature", "on_policy_temperature", "lam"} & given:
-        raise SystemExit("--method=minillm takes neither --temperature nor --on_policy_temperature (it samples, and "
-                         "its weights, rewards and KL are, at 1) nor --lam (its samples have no labels)")
-    if cfg.targets_dtype not in ("float32", "float16") or cfg.autocast not in ("auto", "bf16", "none") \
-            or cfg.teacher_dtype not in ("bfloat16", "float16", "float32"):
-        raise SystemExit("--targets_dtype is float32 or float16; --autocast is auto, bf16 or none; "
-                         "--teacher_dtype is bfloat16, float16 or float32")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise SystemExit(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(choices)}")
     unknown = set(filter(None, cfg.resume_allow.split(","))) - set(RUN_KEYS) - set(RUN_FACTS)
     if unknown:
         raise SystemExit(f"--resume_allow={cfg.resume_allow}: {', '.join(sorted(unknown))} not among "
                          f"{', '.join(RUN_KEYS + RUN_FACTS)}")
-    if "eval_seeds" in given and cfg.eval_temperature == 0:
-        raise SystemExit("--eval_seeds goes with --eval_temperature > 0 (the sampled protocol; greedy "
-                         "answers are always scored too)")
-    return cfg
+    return cfg, given
+
+
+def parse_args(argv):
+    return resolve(*parse_flags(argv))  # the run's config: the flags, then each method's settings written in
 
 # -----------------------------------------------------------------------------
 # the loss. Each formula once: the target's logits, each divergence, the SFT term; the dense
 # reference, the chunked path and the stored-target path all call these.
 
 
-def target_weights(method, alpha):
-    """The frozen models whose logits form the target's logits (before / tau), by role, with their weights:
-    z_ft alone for fkl/rkl; for Delta-KD z_ft + alpha (z_s^raw - z_t^raw), whose softmax at tau is
-    pi_t^ft (pi_s^raw / pi_t^raw)^alpha / Z with every pi = softmax(z / tau). A model of weight 0 is not
-    read at all: at alpha = 0 Delta-KD is forward KL, and at the paper's scale a 7B and a 1.5B model are
-    then neither loaded nor run. A new linear shift operator goes here (a non-linear one replaces
-    target_logits and chunk_target)."""
-    if method.divergence is None:
+def target_weights(divergence, alpha):
+    """{role: weight} of the frozen models whose logits sum to the target's (before / tau): none without a KD term,
+    z_ft alone for fkl/rkl, z_ft + alpha (z_s^raw - z_t^raw) for Delta-KD. A model of weight 0 is neither loaded
+    nor run (at alpha = 0, a 7B and a 1.5B model at the paper's scale). A new linear shift operator goes here (a
+    non-linear one replaces target_logits and chunk_target)."""
+    if divergence is None:
         return {}
-    if method.shift and alpha != 0:
+    if alpha:
         return {"teacher_ft": 1.0, "student_raw": alpha, "teacher_raw": -alpha}
     return {"teacher_ft": 1.0}
 
@@ -274,10 +262,9 @@ def target_weights(method, alpha):
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     vocab: int                  # the tokenizer's real tokens: logits are sliced to these before any arithmetic
-    method: str = "delta"       # which frozen models form the target, with which weights (target_weights)
     lam: float = 0.5
-    alpha: float = 1.0
-    temperature: float = 1.0
+    alpha: float | None = 1.0   # None: no finetuning shift (target_weights)
+    temperature: float | None = 1.0
     divergence: str | None = "fkl"  # None: no KD term
     chunk_size: int = 512
     impl: str = "chunked"
@@ -286,25 +273,17 @@ class LossSpec:
 
     @property
     def weights(self):
-        return target_weights(METHODS[self.method], self.alpha)
+        return target_weights(self.divergence, self.alpha)
 
 
 def loss_spec(cfg, vocab):
-    method = METHODS[cfg.method]
-    return LossSpec(vocab=vocab, method=cfg.method, lam=cfg.lam if method.lam is None else method.lam,
-                    alpha=cfg.alpha, temperature=cfg.temperature, divergence=divergence_of(cfg),
+    return LossSpec(vocab=vocab, lam=cfg.lam, alpha=cfg.alpha, temperature=cfg.temperature, divergence=cfg.divergence,
                     chunk_size=cfg.chunk_size, impl=cfg.loss_impl, compile=cfg.compile, ppo_clip=cfg.ppo_clip)
 
 
 def target_logits(z, weights):
     """The target's logits (before / tau) from the frozen models' full logits by role, in float32."""
     return sum(w * z[role].float() for role, w in weights.items())
-
-
-def delta_kd_target(ft_teacher_logits, raw_teacher_logits, raw_student_logits, alpha, temperature):
-    """float32 log pi* from the three models' logits (already sliced to the real tokens)."""
-    z = {"teacher_ft": ft_teacher_logits, "teacher_raw": raw_teacher_logits, "student_raw": raw_student_logits}
-    return F.log_softmax(target_logits(z, target_weights(METHODS["delta"], alpha)) / temperature, dim=-1)
 
 
 def forward_kl(logp, logq):
@@ -319,11 +298,9 @@ def reverse_kl(logp, logq):
 
 DIVERGENCES = {"fkl": forward_kl, "rkl": reverse_kl}  # a new divergence: a function here (autograd does its gradient)
 
-# MiniLLM (Gu et al., ICLR 2024, as microsoft/LMOps minillm/ computes it) minimises KL(q_theta || p) on the student's
-# own samples, drawn with the teacher mixed in, by a gradient in four terms: the single-step term, the exact reverse
-# KL at every sampled prefix (reverse_kl); the long-term term, a policy gradient on the discounted, length-normalised
-# reward-to-go of the per-token rewards (minillm_rewards, reward_to_go); the teacher-mixed sampling's importance
-# weights (importance_weights); and PPO's ratio clipping, which the weights enter (long_term_term).
+# MiniLLM (Gu et al., ICLR 2024, as microsoft/LMOps computes it; docs/minillm.md) minimises KL(q_theta || p) on the
+# student's teacher-mixed samples: the exact reverse KL at every sampled prefix, plus PPO's clipped policy gradient
+# on the discounted, length-normalised reward-to-go, weighted for the teacher-mixed sampling.
 
 
 def minillm_rewards(logp_y, logq_y, cfg):
@@ -353,19 +330,27 @@ def importance_weights(logq_y, logp_y, mix):
     return torch.exp(logq_y - torch.logaddexp(logq_y + math.log1p(-mix), logp_y + math.log(mix)))
 
 
+class PPORows(NamedTuple):
+    """MiniLLM's per-token inputs to the long-term term, one row per sampled token (minillm_rollouts)."""
+    logq_old: torch.Tensor      # (N,) log q_old(y_t): the student that sampled the rollout
+    advantage: torch.Tensor     # (N,) A_t, the whitened reward-to-go
+    weight: torch.Tensor        # (N,) w_t, the importance weight of the teacher-mixed sampling
+
+    def __getitem__(self, s):  # rows, not fields, as StoredTarget
+        return PPORows(self.logq_old[s], self.advantage[s], self.weight[s])
+
+
 def long_term_term(logq_y, ppo, clip):
     """PPO's clipped surrogate sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - c, 1 + c)), rho_t = w_t q_theta(y_t) /
-    q_old(y_t), from rows ppo (N, 3) = (log q_old(y_t), advantage A_t, w_t). Returns the sum and its derivative in
-    log q_theta(y_t): -A_t rho_t where the unclipped side is the larger, else 0 (the clipped side is flat)."""
-    old, advantage, w = ppo.unbind(1)
-    ratio = w * (logq_y - old).exp()
-    unclipped, clipped = -advantage * ratio, -advantage * ratio.clamp(1 - clip, 1 + clip)
+    q_old(y_t), from PPORows. Returns the sum and its derivative in log q_theta(y_t): -A_t rho_t where the
+    unclipped side is the larger, else 0 (the clipped side is flat)."""
+    ratio = ppo.weight * (logq_y - ppo.logq_old).exp()
+    unclipped, clipped = -ppo.advantage * ratio, -ppo.advantage * ratio.clamp(1 - clip, 1 + clip)
     return torch.maximum(unclipped, clipped).sum(), torch.where(unclipped >= clipped, unclipped, 0.0)
 
 
 def supervised_mask(labels):
-    """The one next-token shift: position t's logits predict labels[t + 1], so the (B, T-1) mask of the
-    positions the loss sees is labels[:, 1:] != -100; its sum is their count."""
+    """The one next-token shift: position t predicts labels[t + 1]; (B, T-1), True where the loss looks."""
     return labels[:, 1:] != data.IGNORE_INDEX
 
 
@@ -429,18 +414,11 @@ def topk_target(target_logits_tau, k):
     return StoredTarget(ids, top, log_rest(logp, ids))
 
 
-def bucket_logq(logq, target):
-    # the student's log-probabilities over the stored target's K+1 buckets
-    return torch.cat([logq.gather(1, target.ids), log_rest(logq, target.ids)[:, None]], 1)
-
-
 def chunk_loss(z, label_ids, target, spec, scratch=None, ppo=None):
-    """One chunk of rows: z (n, V) fp32 student logits, label_ids (n,); target None (SFT), (n, V) fp32
-    target logits (before / tau) or a StoredTarget. Returns the loss, its SFT and KD sums and
-    dloss/dz (n, V). z, the target's logits and scratch (n, V) are workspace, overwritten in place (on a
-    CPU a fresh tensor of a few hundred MB is page-faulted in again at every chunk); dz comes back in
-    z's memory. The SFT term is at tau = 1, its gradient lam (softmax(z) - onehot(y)). ppo: MiniLLM's rows
-    (minillm_chunk)."""
+    """One chunk of rows: z (n, V) fp32 student logits, label_ids (n,); target None (SFT), the (n, V) fp32 target
+    logits (before / tau) or a StoredTarget; ppo: MiniLLM's PPORows. Returns the loss, its SFT and KD sums and
+    dloss/dz, in z's memory. z, the target's logits and scratch are overwritten in place (on a CPU a fresh
+    tensor of a few hundred MB is page-faulted in again at every chunk). The SFT term is at tau = 1."""
     if ppo is not None:
         return minillm_chunk(z, label_ids, target, spec, scratch, ppo)
     lam = spec.lam
@@ -523,7 +501,9 @@ def autograd_kd(logq, logp, target, spec, lam_q):
     with torch.enable_grad():  # logq is z / tau up to a per-row constant, so it stands in for it here
         zz = logq.detach().clone().requires_grad_()
         lq = F.log_softmax(zz, dim=-1)
-        kd = DIVERGENCES[spec.divergence](logp, bucket_logq(lq, target) if isinstance(target, StoredTarget) else lq).sum()
+        if isinstance(target, StoredTarget):  # the student over the stored target's K+1 buckets
+            lq = torch.cat([lq.gather(1, target.ids), log_rest(lq, target.ids)[:, None]], 1)
+        kd = DIVERGENCES[spec.divergence](logp, lq).sum()
         (dkd,) = torch.autograd.grad(kd, zz)
     return kd.detach(), dkd.mul_((1 - spec.lam) / spec.temperature).add_(logq.exp_(), alpha=lam_q)
 
@@ -542,12 +522,12 @@ def logits(h, weight, out=None):
     return z.float() if out is None else out.copy_(z)
 
 
-def chunk_target(frozen, start, end, spec, out=None):
+def chunk_target(hidden, start, end, spec, out=None):
     """Target logits (before / tau) of rows start:end from the frozen models' final hidden states and heads
     {role: (hidden (N, C_t), head (V_t, C_t))}, summed with spec.weights into one fp32 buffer (addmm
     in fp32: no (n, V) temporary)."""
     for i, (role, w) in enumerate(spec.weights.items()):
-        h, head = frozen[role]
+        h, head = hidden[role]
         if i == 0:
             out = logits(h[start:end], head[:spec.vocab], out)
             if w != 1.0:
@@ -580,15 +560,15 @@ class ChunkedDistillLoss(torch.autograd.Function):
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         grad_W = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
         totals = torch.zeros(3, dtype=torch.float64, device=h.device)  # loss, sft, kd
-        frozen = isinstance(target, dict)  # the frozen models live: {role: (hidden (N, C_t), head (V_t, C_t))}
-        buffers = torch.empty((1 + (target is not None) + frozen, min(chunk, N), V), device=h.device)
+        live = isinstance(target, dict)  # the frozen models' rows {role: (hidden (N, C_t), head (V_t, C_t))}
+        buffers = torch.empty((1 + (target is not None) + live, min(chunk, N), V), device=h.device)
         loss_of_chunk = compiled_chunk_loss() if spec.compile else chunk_loss
         for s in range(0, N, chunk):
             hc = h[s:s + chunk]
             n = len(hc)
             z = logits(hc, W.to(hc.dtype), buffers[0, :n])  # (n, V) student logits
-            if frozen:
-                t = chunk_target(target, s, s + chunk, spec, buffers[2, :n])
+            if live:
+                t = chunk_target(target, s, s + chunk, spec, buffers[2, :n])  # the target's logits
             else:
                 t = None if target is None else target[s:s + chunk]
             loss, sft, kd, dz = loss_of_chunk(z, label_ids[s:s + chunk], t, spec,
@@ -617,12 +597,10 @@ class ChunkedDistillLoss(torch.autograd.Function):
 
 
 def distill_loss(h, weight, labels, target, spec, ppo=None):
-    """(loss_sum, sft_sum, kd_sum, count) over the supervised positions of a batch. h (B, T, C) student
-    final hidden states, weight its lm_head, labels (B, T); target: None (SFT), {role: (hidden
-    (B, T, C_t), head weight)} of the frozen models, or a StoredTarget with one row per supervised
-    position (in supervised_mask's order). spec.impl "chunked" (memory-flat) or "dense" (full
-    (B, T, V) logits through the pure functions above: the reference the chunked path equals). ppo: MiniLLM's
-    (N, 3) rows per supervised position (Rollout), with the teacher as target."""
+    """(loss_sum, sft_sum, kd_sum, count) over a batch's supervised positions, from the student's final hidden
+    states h (B, T, C) and lm_head weight; target: None (SFT), the frozen models' {role: (hidden, head)}
+    (frozen_hidden_states) or a StoredTarget (a row per supervised position); ppo: MiniLLM's PPORows. spec.impl
+    "dense" takes full (B, T, V) logits through the pure functions above: the reference "chunked" equals."""
     V, lam = spec.vocab, spec.lam
     target = target or None  # {}: no frozen model (SFT)
     mask, label_ids = shift_labels(labels)
@@ -656,6 +634,7 @@ class Run:
     tokenizer: Tokenizer
     tokenizer_path: str
     spec: LossSpec
+    configs: dict = dataclasses.field(default_factory=dict)  # {role: QwenConfig} of every model it reads
     identity: dict | None = None    # what makes it this run (run_identity), taken once at the start
     resume_from: str | None = None  # the checkpoint this run continues (resume_point)
 
@@ -680,12 +659,14 @@ class Run:
 
 def start(cfg):
     """Distributed set-up, every input checked before a weight is read, the seeds; the config printed once."""
+    # a Config that did not come through resolve is refused where it says one thing and would do another
+    resolve(dataclasses.replace(cfg), {f.name for f in dataclasses.fields(cfg)})
     rank, world, device = setup_distributed(cfg.device)
-    tokenizer, tokenizer_path = check_inputs(cfg)
+    tokenizer, tokenizer_path, configs = check_inputs(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    run = Run(cfg, rank, world, device, tokenizer, tokenizer_path, loss_spec(cfg, tokenizer.get_vocab_size()))
+    run = Run(cfg, rank, world, device, tokenizer, tokenizer_path, loss_spec(cfg, tokenizer.get_vocab_size()), configs)
     if not (cfg.eval_only or cfg.targets_only):
         run = dataclasses.replace(run, identity=run_identity(run))  # once: the data as this run reads it
         run = dataclasses.replace(run, resume_from=resume_point(run))
@@ -716,27 +697,26 @@ def all_reduce(x):
 
 
 def model_dirs(cfg):
-    """role -> directory of every model a run reads, in Config's order: the one place that decides it (input
-    checks, loading, the target pass, evaluation, SeqKD, the dry run). The student; the frozen models
-    whose logits form the target (target_weights); seqkd's generator; and a given --teacher_ft, for the
-    teacher-forced figures of every evaluation. --eval_only reads the student and that teacher alone."""
+    """role -> directory of every model a run reads, in Config's order: the one place that decides it. The student;
+    the frozen models of the target (target_weights); seqkd's generator; a given --teacher_ft, for every
+    evaluation's teacher-forced figures. --eval_only reads the student and that teacher alone."""
     method = METHODS[cfg.method]
     roles = {"student"} | ({"teacher_ft"} if cfg.teacher_ft else set())
     if not cfg.eval_only:
-        roles |= set(target_weights(method, cfg.alpha)) | ({method.generator} if method.generator else set())
+        roles |= set(target_weights(cfg.divergence, cfg.alpha)) | ({method.generator} if method.generator else set())
     return {f.name: (cfg.student_raw or cfg.student) if f.name == "student_raw" else getattr(cfg, f.name)
             for f in dataclasses.fields(Config) if f.name in roles}
 
 
 def frozen_dirs(cfg):
     # role -> directory of the frozen models the loss reads
-    weights = target_weights(METHODS[cfg.method], cfg.alpha)
+    weights = target_weights(cfg.divergence, cfg.alpha)
     return {role: path for role, path in model_dirs(cfg).items() if role in weights}
 
 
 def check_inputs(cfg):
     """Everything that can be checked before loading weights or tokenizing: paths, the models' files,
-    tokenizer agreement, vocab sizes. Returns the tokenizer and its path."""
+    tokenizer agreement, vocab sizes. Returns the tokenizer, its path and {role: QwenConfig}."""
     dirs = model_dirs(cfg)
     for role, path in dirs.items():
         if not path:
@@ -752,26 +732,19 @@ def check_inputs(cfg):
         if path:
             data.check_data_file(path)
     tok_path = cfg.tokenizer or os.path.join(cfg.student, "tokenizer.json")
-    if not os.path.isfile(tok_path):
-        raise SystemExit(f"no tokenizer: {tok_path} does not exist (pass --tokenizer=.../tokenizer.json)")
-    tokenizer = Tokenizer.from_file(tok_path)
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokenizer, configs = data.load_tokenizer(tok_path, dirs), {}
     for role, path in dirs.items():
-        other = os.path.join(path, "tokenizer.json")
-        if os.path.isfile(other) and os.path.abspath(other) != os.path.abspath(tok_path):
-            if Tokenizer.from_file(other).get_vocab(with_added_tokens=True) != vocab:
-                raise SystemExit(f"tokenizer mismatch: {other} (--{role}) differs from {tok_path}; "
-                                 "all models must share one tokenizer")
         n = qwen.QwenConfig.from_json(os.path.join(path, "config.json")).vocab_size
-        if n < len(vocab):
-            raise SystemExit(f"--{role}={path}: vocab_size {n} is smaller than the tokenizer's {len(vocab)} tokens")
-        qwen.check_model_dir(path)  # the weights' headers against config.json and the file sizes: a cut file stops here
-    return tokenizer, tok_path
+        if n < tokenizer.get_vocab_size():
+            raise SystemExit(f"--{role}={path}: vocab_size {n} is smaller than the tokenizer's "
+                             f"{tokenizer.get_vocab_size()} tokens")
+        configs[role], _ = qwen.check_model_dir(path)  # the headers against config.json and the file sizes
+    return tokenizer, tok_path, configs
 
 
 def load_frozen_model(run, path):
     # a model that is only run forward (teacher, raw model, generator): teacher_dtype, no gradients
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[run.cfg.teacher_dtype]
+    dtype = getattr(torch, run.cfg.teacher_dtype)
     return qwen.Qwen.from_pretrained(path, dtype=dtype, device=run.device).eval().requires_grad_(False)
 
 
@@ -781,44 +754,16 @@ def load_frozen(run):
 
 
 def token_cache(run, path):
-    """The TokenCache of a data file: built by rank 0 if no complete one exists, memory-mapped by all."""
+    # the TokenCache of a data file: built once by rank 0, memory-mapped by every rank (data.open_cache)
     cfg = run.cfg
     key = data.cache_key(path, run.tokenizer_path, cfg.max_len, cfg.system_prompt, cfg.max_rows, cfg.skip_bad_rows)
-    root = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
-    where = data.cache_dir_for(root, key)
-    log = print if run.master and not cfg.quiet else None
-    vocab = run.spec.vocab  # every id is checked against it, with every file's checksum
-    if run.master:
-        why = data.check_cache(where, key, vocab)
-        if why:
-            if os.path.exists(where):
-                print(f"token cache {where}: {why}; rebuilding it", flush=True)
-            elif log:
-                log(f"token cache: tokenizing {path} into {where}")
-            stats = data.build_cache(path, run.tokenizer, where, key, log)
-            with open(os.path.join(root, "build.log"), "a") as f:  # one line per build: who built what, when
-                f.write(json.dumps({"cache": os.path.basename(where), "time": time.time(), "pid": os.getpid(),
-                                    "host": os.uname().nodename, **stats}) + "\n")
-    else:
-        data.wait_until(lambda: data.check_cache(where, key, vocab) is None,
-                        f"rank 0 to build or check the token cache {where}", run.rank)
-    cache = data.TokenCache(where)
-    stats = cache.meta["stats"]
-    if log:
-        log(f"data {path}: {stats} (cache {where})")
-    if run.master and stats["bad_rows_skipped"]:
-        print(f"{path}: skipped {stats['bad_rows_skipped']:,} bad row(s) (--skip_bad_rows=true); the first: "
-              f"{stats['first_bad_rows'][0]}", flush=True)
-    if len(cache) == 0:
-        raise SystemExit(f"{path}: no example has a supervised (assistant) token within max_len={cfg.max_len}")
-    return cache
+    return data.open_cache(path, run.tokenizer, key, cfg.cache_dir or os.path.join(cfg.out_dir, "cache"), run.rank,
+                           print if run.master and not cfg.quiet else None)
 
 
 def load_data(run):
-    """(cache, training example indices, held-out data.EvalExamples). The held-out rows are chosen by seed
-    among the rows that made it into the cache (data.held_out_rows) and read back from the file alone;
-    the cache is shared by every split. A given --eval_data is read first: a bad row there stops the
-    run before the training data is tokenized."""
+    """(cache, training example indices, held-out data.EvalExamples): --eval_data, read first (a bad row there
+    stops the run before the training data is tokenized), or rows held out of the cache (data.held_out_split)."""
     cfg = run.cfg
     examples = functools.partial(data.eval_examples, tokenizer=run.tokenizer, max_len=cfg.max_len,
                                  system_prompt=cfg.system_prompt)
@@ -826,11 +771,9 @@ def load_data(run):
     cache = token_cache(run, cfg.train_data)
     train_idx = np.arange(len(cache))
     if not cfg.eval_data and cfg.eval_size > 0:
-        held = data.held_out_rows(cache.rows, cache.meta["stats"]["rows"], cfg.eval_size, cfg.seed)
-        train_idx = np.flatnonzero(~np.isin(cache.rows, held))
-        found = data.read_rows_at(cfg.train_data, held, cache.line_offsets)
-        evalset = examples([found[n] for n in held.tolist()], source=cfg.train_data)
-    if METHODS[cfg.method].generator:
+        train_idx, held = data.held_out_split(cache, cfg.train_data, cfg.eval_size, cfg.seed)
+        evalset = examples(held, source=cfg.train_data)
+    if METHODS[cfg.method].generator:  # SeqKD trains on its own file
         cache = token_cache(run, seqkd_data(run, cache, train_idx))
         train_idx = np.arange(len(cache))
     if len(train_idx) == 0:
@@ -839,24 +782,16 @@ def load_data(run):
 
 
 def seqkd_data(run, cache, train_idx):
-    """SeqKD (Kim & Rush 2016): a data file whose answers are the finetuned teacher's greedy answers to
-    each training example's first user turn (data.prompt_ids). Written once into out_dir (a resumed
-    run does not regenerate); returns its path."""
+    """SeqKD (Kim & Rush 2016): the path of a data file whose answers are the finetuned teacher's greedy answers to
+    each training example's first user turn, written once into out_dir (a resumed run does not regenerate)."""
     cfg = run.cfg
     path = os.path.join(cfg.out_dir, "seqkd_data.jsonl")
     generator = model_dirs(cfg)[METHODS[cfg.method].generator]
     if not os.path.isfile(path):
         prompts = [data.prompt_ids(*cache.example(i)) for i in train_idx]
         answers = generate_all(run, load_frozen_model(run, generator), prompts, cfg.seqkd_max_new_tokens)
-        if run.master:
-            wanted = set(cache.rows[train_idx].tolist())  # row numbers, ascending like train_idx
-            rows = data.iter_rows(cfg.train_data, cfg.max_rows, keep_bad=True)  # a skipped row is not wanted
-            firsts = (data.first_exchange(row) for n, _, row in rows if n in wanted)
-            with open(path + ".tmp", "w") as f:
-                for msgs, answer in zip(firsts, answers):
-                    if answer.strip():  # an empty teacher answer cannot be supervised
-                        f.write(json.dumps({"messages": msgs[:-1] + [{"role": "assistant", "content": answer}]}) + "\n")
-            os.replace(path + ".tmp", path)
+        if run.master:  # an empty teacher answer cannot be supervised: its row is left out
+            data.write_answered(path, cfg.train_data, cfg.max_rows, cache.rows[train_idx].tolist(), answers)
         data.wait_until(lambda: os.path.isfile(path), f"rank 0 to write {path}", run.rank)
     if os.path.getsize(path) == 0:
         raise SystemExit(f"seqkd: the finetuned teacher {generator} gave an empty answer to every training "
@@ -864,11 +799,9 @@ def seqkd_data(run, cache, train_idx):
     return path
 
 # -----------------------------------------------------------------------------
-# stored targets ("decoupled teachers", as the paper served its teachers apart from training): the
-# frozen models run once over the token cache; for every supervised position the top-K ids of the
-# target, their log-probabilities and the log of the rest's mass go to disk, and training loads no
-# frozen model at all (the store's files: data.TargetStore). fkl and rkl share one store (the same
-# target); delta has its own per alpha.
+# stored targets ("decoupled teachers", as the paper served its teachers apart from training): the frozen models
+# run once over the token cache, each supervised position's top-K target goes to disk (data.TargetStore), and
+# training loads no frozen model. fkl and rkl share one store (the same target); delta has its own per alpha.
 
 
 def targets_key(run, cache):
@@ -881,56 +814,36 @@ def targets_key(run, cache):
             "shard": cfg.targets_shard}
 
 
-def stored_target(store, examples, device):
-    # the StoredTarget rows of these examples, in the given order
-    rows = store.get(examples)
-    return StoredTarget(torch.from_numpy(rows["ids"]).long().to(device), torch.from_numpy(rows["logp"]).float().to(device),
-                        torch.from_numpy(rows["rest"]).to(device))
-
-
 def compute_targets(run, cache, store):
     """The target pass: each rank takes every world-th unfinished shard, runs the frozen models over it
     and writes it; then all ranks wait (on the file system, not a collective) for every shard.
     A killed pass resumes from the finished shards."""
     cfg, spec = run.cfg, run.spec
-    store.open_or_claim(run.rank)
-    todo = []
-    for s in range(run.rank, store.n_shards, run.world):  # each rank reads the shards it owns, whole
-        why = store.damage(s)
-        if why and os.path.isdir(store.shard_dir(s)):
-            print(f"targets: {store.shard_dir(s)}: {why}; computing it again", flush=True)
-            shutil.rmtree(store.shard_dir(s))  # so that no rank waiting for it takes it as complete
-        if why:
-            todo.append(s)
+    todo = store.todo(run.rank, run.world)
     if dist.is_initialized():
         dist.barrier()  # every damaged shard is gone before any rank trusts the ones it sees (seconds, not hours)
-    if todo:
-        frozen = load_frozen(run)
-        t0, rows = time.time(), 0
-        for n, s in enumerate(todo):
-            examples = sorted(range(s * store.shard, min((s + 1) * store.shard, len(cache))),
-                              key=lambda i: -int(cache.lengths[i]))  # similar lengths together: less padding
-            pieces = {}
-            for b in range(0, len(examples), cfg.batch_size):
-                idx = examples[b:b + cfg.batch_size]
-                input_ids, labels, _ = data.collate([cache.example(i) for i in idx], run.pad_id)
-                mask = supervised_mask(labels.to(run.device))
-                hidden = {r: (h[:, :-1][mask], w)
-                          for r, (h, w) in frozen_hidden_states(frozen, input_ids.to(run.device), cfg.autocast).items()}
-                with torch.no_grad():
-                    parts = [topk_target(chunk_target(hidden, c, c + cfg.chunk_size, spec) / spec.temperature, store.k)
-                             for c in range(0, int(mask.sum()), cfg.chunk_size)]
-                counts = mask.sum(1).tolist()  # each example's supervised positions, in mask order
-                for i, *fields in zip(idx, *(torch.cat(x).split(counts) for x in zip(*parts))):
-                    pieces[i] = StoredTarget(*fields)
-            target = StoredTarget(*(torch.cat(x) for x in zip(*[pieces[i] for i in sorted(pieces)])))
-            store.write(s, {"ids": target.ids.cpu().numpy(), "logp": target.logp.float().cpu().numpy(),
-                            "rest": target.log_rest.float().cpu().numpy()})
-            rows += store.rows(s)
-            if run.master and not cfg.quiet:
-                print(f"targets: shard {s + 1}/{store.n_shards} | {rows / (time.time() - t0):.0f} supervised "
-                      f"tokens/s on rank 0 | eta {(time.time() - t0) / (n + 1) * (len(todo) - n - 1):.0f}s", flush=True)
-        del frozen
+    frozen, t0, rows = load_frozen(run) if todo else {}, time.time(), 0
+    for n, s in enumerate(todo):
+        examples = sorted(range(s * store.shard, min((s + 1) * store.shard, len(cache))),
+                          key=lambda i: -int(cache.lengths[i]))  # similar lengths together: less padding
+        pieces = {}  # example -> its (ids, logp, rest), a row per supervised position
+        for b in range(0, len(examples), cfg.batch_size):
+            idx = examples[b:b + cfg.batch_size]
+            input_ids, labels, _ = (x.to(run.device) for x in data.collate([cache.example(i) for i in idx], run.pad_id))
+            mask = supervised_mask(labels)
+            states = frozen_hidden_states(frozen, input_ids, cfg.autocast)
+            hidden = {r: (h[:, :-1][mask], w) for r, (h, w) in states.items()}
+            with torch.no_grad():
+                parts = [topk_target(chunk_target(hidden, c, c + cfg.chunk_size, spec) / spec.temperature, store.k)
+                         for c in range(0, int(mask.sum()), cfg.chunk_size)]
+            pieces.update(zip(idx, zip(*(torch.cat(x).split(mask.sum(1).tolist()) for x in zip(*parts)))))
+        target = StoredTarget(*(torch.cat(x).cpu() for x in zip(*(pieces[i] for i in sorted(pieces)))))
+        store.write(s, {"ids": target.ids.numpy(), "logp": target.logp.numpy(), "rest": target.log_rest.numpy()})
+        rows += store.rows(s)
+        if run.master and not cfg.quiet:
+            print(f"targets: shard {s + 1}/{store.n_shards} | {rows / (time.time() - t0):.0f} supervised tokens/s on "
+                  f"rank 0 | eta {(time.time() - t0) / (n + 1) * (len(todo) - n - 1):.0f}s", flush=True)
+    del frozen
     data.wait_until(lambda: all(store.complete(s) for s in range(store.n_shards)),
                     f"all target shards in {store.dir}", run.rank)
 
@@ -964,12 +877,10 @@ def generate_all(run, model, prompts, max_new_tokens, temperature=0.0, seed=0):
 
 @torch.no_grad()
 def forced_scores(run, model, teacher, examples):
-    """Teacher-forced figures on the held-out reference answers, per answer token: the student's NLL of the
-    reference and its entropy (how sure it is), and with the finetuned teacher KL(pi_t^ft || student) at
-    tau = 1 and top-1 agreement (the share of positions where both models' most probable token is the
-    same). Smooth, cheap, and what distillation optimises directly, where ROUGE of generations is noisy."""
+    """Per answer token of the held-out references: the student's NLL and entropy and, with the finetuned teacher,
+    KL(pi_t^ft || student) at tau = 1 and top-1 agreement. Smooth and cheap, where ROUGE of generations is noisy."""
     cfg, dev, vocab = run.cfg, model.lm_head.weight.device, run.spec.vocab
-    sums = torch.zeros(5, dtype=torch.float64, device=dev)  # nll, kl, agreements, tokens, entropy
+    sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("nll", "entropy", "kl", "agree", "tokens")}
     was_training = model.training
     model.eval()
     mine = [(e.input_ids, e.labels) for e in examples[run.rank::run.world]]
@@ -981,24 +892,23 @@ def forced_scores(run, model, teacher, examples):
         for c in range(0, len(label_ids), cfg.chunk_size):
             z = {m: logits(h[c:c + cfg.chunk_size], m.lm_head.weight[:vocab]) for m, h in hs.items()}
             logq = F.log_softmax(z[model], dim=-1)
-            sums[0] += negative_log_likelihood(logq, label_ids[c:c + cfg.chunk_size])
-            sums[4] -= (logq.exp() * logq).sum()
+            sums["nll"] += negative_log_likelihood(logq, label_ids[c:c + cfg.chunk_size])
+            sums["entropy"] -= (logq.exp() * logq).sum()
             if teacher:
-                sums[1] += forward_kl(F.log_softmax(z[teacher], dim=-1), logq).sum()
-                sums[2] += (z[model].argmax(-1) == z[teacher].argmax(-1)).sum()
-        sums[3] += len(label_ids)
+                sums["kl"] += forward_kl(F.log_softmax(z[teacher], dim=-1), logq).sum()
+                sums["agree"] += (z[model].argmax(-1) == z[teacher].argmax(-1)).sum()
+        sums["tokens"] += len(label_ids)
     model.train(was_training)
-    nll, kl, agree, n, entropy = all_reduce(sums).tolist()
-    n = max(n, 1)
-    return {"nll": nll / n, "entropy": entropy / n,
-            **({"kl_teacher": kl / n, "top1_teacher": agree / n} if teacher else {})}
+    total = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))).tolist()))
+    n = max(total["tokens"], 1)
+    return {"nll": total["nll"] / n, "entropy": total["entropy"] / n,
+            **({"kl_teacher": total["kl"] / n, "top1_teacher": total["agree"] / n} if teacher else {})}
 
 
 def evaluate(run, model, teacher, examples, tag):
-    """ROUGE-1/2/L/Lsum F1 (stemmed, mean over examples) of greedy answers, and with --eval_temperature > 0
-    also of sampled ones (top_p 1, the mean over --eval_seeds answers per prompt: the MiniLLM / DistiLLM
-    protocol) as sampled_*; answer_sanity of the greedy answers; forced_scores. Answers to
-    eval-{tag}.jsonl (and eval-{tag}-sampled.jsonl)."""
+    """ROUGE F1 of greedy answers and, at --eval_temperature > 0, sampled_* of sampled ones (the mean over
+    --eval_seeds answers per prompt: MiniLLM's protocol); rouge.answer_sanity; forced_scores. Answers to
+    eval-{tag}*.jsonl."""
     cfg, prompts, refs = run.cfg, [e.prompt for e in examples], [e.reference for e in examples]
     protocols = [("", 0.0, 1)] + ([("sampled_", cfg.eval_temperature, cfg.eval_seeds)] if cfg.eval_temperature else [])
     protocols = protocols if cfg.eval_max_new_tokens else []
@@ -1009,7 +919,7 @@ def evaluate(run, model, teacher, examples, tag):
         per_seed = [rouge_f1(refs, p) for p in preds]
         scores.update({prefix + t: statistics.mean(s[t] for s in per_seed) for t in per_seed[0]})
         if not prefix:
-            scores.update(answer_sanity(preds[0]))
+            scores.update(rouge.answer_sanity(preds[0]))
         if run.master:
             with open(os.path.join(cfg.out_dir, f"eval-{tag}{'-' + prefix[:-1] if prefix else ''}.jsonl"), "w") as f:
                 for k, p in enumerate(preds):
@@ -1024,25 +934,9 @@ def rouge_f1(refs, preds):
     return {t: s.fmeasure for t, s in rouge.corpus_score(refs, preds, use_stemmer=True).items()}
 
 
-def answer_sanity(preds):
-    """What ROUGE cannot see: the share of distinct answers; the mean share of each answer's word 4-grams
-    that repeat an earlier 4-gram of the same answer (a looping answer scores near 1); the share of sound
-    answers (given to no other prompt and repeating no 4-gram at all); the mean length in words."""
-    def repeated(words):
-        grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
-        return 1 - len(set(grams)) / len(grams) if grams else 0.0
-    words = [p.split() for p in preds]
-    rep = [repeated(w) for w in words]
-    n, count = max(len(preds), 1), collections.Counter(preds)
-    sound = sum(count[p] == 1 and r == 0 for p, r in zip(preds, rep))
-    return {"distinct": len(count) / n, "repeated_4grams": sum(rep) / n, "sound": sound / n,
-            "words": sum(map(len, words)) / n}
-
-
 class Evaluation:
-    """Scores a model on the run's held-out examples (evaluate) and logs them. The finetuned teacher of
-    the teacher-forced figures is resolved once per run: the live one when the loss reads it, else
-    read from disk at the first evaluation and kept."""
+    """Scores a model on the run's held-out examples (evaluate) and logs them, with the finetuned teacher the loss
+    runs live, else the one read from disk at the first evaluation and kept."""
 
     def __init__(self, run, examples, frozen, log):
         self.run, self.examples, self.log = run, examples, log
@@ -1071,44 +965,40 @@ def autocast(device, mode="auto"):
 # checkpoints
 
 
-# what a resumed run shares with the run it continues: a change is refused, naming each key, unless
-# --resume_allow names it too. Model paths count (a moved model: allow its key); so do the data's bytes.
-# The on-policy keys are recorded only when a run samples, MiniLLM's only for MiniLLM, so a run from before
-# them is the same run
-ON_POLICY_KEYS = ("on_policy", "on_policy_temperature", "on_policy_max_new_tokens")
+# what a resumed run shares with the run it continues, as resolve made them (None: not read): a change is refused,
+# naming each key, unless --resume_allow names them. Model paths count (a moved model: allow the keys named), as do
+# the training data's bytes (RUN_FACTS)
 RUN_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "max_rows", "eval_data",
             "eval_size", "max_len", "system_prompt", "skip_bad_rows", "method", "divergence", "lam", "alpha",
-            "temperature", "teacher_dtype", "autocast", "batch_size", "seed") + ON_POLICY_KEYS + MINILLM_KEYS
-RUN_FACTS = ("micro_batches_per_step", "stored_targets", "train_data_content")  # the rest of run_identity
+            "temperature", "topk", "targets_dtype", "teacher_dtype", "autocast", "batch_size", "seed", "on_policy",
+            "on_policy_temperature", "on_policy_max_new_tokens", "seqkd_max_new_tokens") + MINILLM_KEYS
+RUN_FACTS = ("micro_batches_per_step", "train_data_content")  # the rest of run_identity
+PATH_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data")
 # the schedule may change on resume (e.g. a finished run continued to a larger max_steps); the run says so
 SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                  "grad_clip")
 
 
 def run_identity(run):
-    """RUN_KEYS' values, the step's geometry (micro-batches of all ranks), where the target comes from and
-    the training data's bytes (data.file_identity without its mtime: a copy is the same data)."""
+    """RUN_KEYS' values (the directories of the models it reads, absolute: a path relative or absolute is the same),
+    the step's geometry (micro-batches of all ranks) and the training data's bytes (data.file_identity without its
+    mtime: a copy is the same data)."""
     cfg = run.cfg
-    content = data.file_identity(cfg.train_data) if cfg.train_data else None
-    content = content and {k: v for k, v in content.items() if k != "mtime_ns"}
-    stored = {"topk": cfg.topk, "targets_dtype": cfg.targets_dtype} if cfg.targets_dir else None
-    paths = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data")
-    values = {k: os.path.abspath(getattr(cfg, k)) if k in paths and getattr(cfg, k) else getattr(cfg, k)
-              for k in RUN_KEYS if (on_policy_of(cfg) or k not in ON_POLICY_KEYS)
-              and (METHODS[cfg.method].policy_gradient or k not in MINILLM_KEYS)}  # a path relative or absolute: the same
-    return {**values, "micro_batches_per_step": run.world * cfg.grad_accum,
-            "stored_targets": stored, "train_data_content": content}
+    paths = {**model_dirs(cfg), "tokenizer": run.tokenizer_path, "train_data": cfg.train_data, "eval_data": cfg.eval_data}
+    values = {k: (os.path.abspath(paths[k]) if paths.get(k) else None) if k in PATH_KEYS else getattr(cfg, k)
+              for k in RUN_KEYS}
+    content = {k: v for k, v in data.file_identity(cfg.train_data).items() if k != "mtime_ns"}
+    return {**values, "micro_batches_per_step": run.world * cfg.grad_accum, "train_data_content": content}
 
 
 def resume_point(run):
-    """The checkpoint a run continues from (None: step 0), chosen before any long work. Without --resume an
-    out_dir holding checkpoints is refused (they would be mixed with this run's); with it, the newest
-    intact checkpoint, skipping damaged ones with a message, whose run must be this run (RUN_KEYS)."""
+    """The checkpoint a run continues from (None: step 0), chosen before any long work. Without --resume an out_dir
+    holding checkpoints is refused; with it, the newest intact one, which must be of this run (check_same_run).
+    Damaged ones are named and set aside as damaged-* (nothing names or prunes them; kept for a post-mortem)."""
     cfg, found = run.cfg, checkpoints(run.cfg.out_dir)
-    older = [d for d in glob.glob(os.path.join(cfg.out_dir, "ckpt-*")) if d not in found
-             and os.path.isfile(os.path.join(d, "trainer_state.pt"))]
-    if older:
-        raise SystemExit(f"{older[0]} was written by an older deltakd (no run.json): it cannot be checked to be "
+    unsealed = sorted(set(glob.glob(os.path.join(cfg.out_dir, "ckpt-*"))) - set(found))
+    if unsealed:
+        raise SystemExit(f"{unsealed[0]} has no {data.SEAL}: an older deltakd wrote it, so it cannot be checked to be "
                          "this run; continue it with that version, or move it away")
     if not cfg.resume:
         if found:
@@ -1116,7 +1006,7 @@ def resume_point(run):
                              f"{os.path.basename(found[-1])}): pass --resume=true to continue it, or another --out_dir")
         return None
     damaged, ckpt = [], None
-    for candidate in reversed(found):
+    for candidate in reversed(found):  # each check reads the checkpoint's files once
         why = checkpoint_damage(candidate)
         if why is None:
             ckpt = candidate
@@ -1125,39 +1015,29 @@ def resume_point(run):
         if run.master:
             print(f"resume: {candidate} is damaged ({why}); trying the checkpoint before it", flush=True)
     if damaged:
-        set_aside(run, damaged)
+        if dist.is_initialized():
+            dist.barrier()  # every rank has made its choice before rank 0 renames
+        for d in damaged if run.master else []:
+            aside = os.path.join(os.path.dirname(d), f"damaged-{os.path.basename(d)}-{int(time.time())}")
+            os.rename(d, aside)
+            print(f"resume: {d} set aside as {aside}", flush=True)
         if ckpt is None:
             raise SystemExit(f"--resume=true: no checkpoint in {cfg.out_dir} is intact (each set aside as damaged-*)")
         if run.master:
             print(f"resume: continuing from {ckpt}", flush=True)
-    if ckpt is None:
-        return None
-    with open(os.path.join(ckpt, "run.json")) as f:
-        theirs = json.load(f)
-    check_same_run(run, theirs, ckpt)
+    if ckpt:
+        with open(os.path.join(ckpt, "run.json")) as f:
+            check_same_run(run, json.load(f), ckpt)
     return ckpt
 
 
-def set_aside(run, damaged):
-    # damaged checkpoints leave ckpt-* (nothing names or prunes them as checkpoints), kept for a post-mortem;
-    # rank 0 renames them once every rank has made its choice
-    if dist.is_initialized():
-        dist.barrier()
-    if run.master:
-        for d in damaged:
-            aside = os.path.join(os.path.dirname(d), f"damaged-{os.path.basename(d)}-{int(time.time())}")
-            os.rename(d, aside)
-            print(f"resume: {d} set aside as {aside}", flush=True)
-
-
 def check_same_run(run, theirs, ckpt):
-    # refuses a changed run (RUN_KEYS), tells a changed schedule
-    cfg, ours = run.cfg, run.identity
-    allowed = set(filter(None, cfg.resume_allow.split(",")))
-    changed = [k for k in data.differing(theirs["identity"], ours) if k.split(".")[0] not in allowed]
+    # refuses a changed run (RUN_KEYS), naming each change; tells a changed schedule
+    cfg, allowed = run.cfg, set(filter(None, run.cfg.resume_allow.split(",")))
+    changed = [c for c in data.differing(theirs["identity"], run.identity) if c[0].split(".")[0] not in allowed]
     if changed:
-        keys = ",".join(sorted({k.split(".")[0] for k in changed}))
-        values = ", ".join(f"{k} ({value_at(theirs['identity'], k)!r} -> {value_at(ours, k)!r})" for k in changed)
+        keys = ",".join(sorted({k.split(".")[0] for k, _, _ in changed}))
+        values = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in changed)
         raise SystemExit(f"--resume=true: this run differs from the one in {ckpt} in {values}; a resumed "
                          f"run must be the same run. Pass --resume_allow={keys} to continue it anyway, or use another "
                          "--out_dir")
@@ -1168,29 +1048,16 @@ def check_same_run(run, theirs, ckpt):
               "the new one", flush=True)
 
 
-def value_at(d, dotted):
-    # d["a"]["b"] for "a.b" (None where a level is missing)
-    for k in dotted.split("."):
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
-
-
 def checkpoint_damage(ckpt):
-    """Why a checkpoint cannot be resumed from (None if it can): its run.json (written last) unreadable, a
-    file whose size or CRC-32 differs from the one run.json recorded, a model or trainer state that does not
-    open."""
+    """Why a checkpoint cannot be resumed from (None if it can): a file whose size or CRC-32 differs from its seal
+    (data.seal), a run.json without its fields, a model or trainer state that does not open."""
     try:
+        why = data.seal_damage(ckpt)
+        if why:
+            return why
         with open(os.path.join(ckpt, "run.json")) as f:
-            record = json.load(f)
-        if not {"step", "identity", "config", "files"} <= set(record):
-            return "run.json lacks a field"
-        for name, (size, crc) in record["files"].items():
-            path = os.path.join(ckpt, name)
-            have = os.path.getsize(path) if os.path.isfile(path) else None
-            if have != size:
-                return f"{name} has {'no' if have is None else f'{have:,}'} bytes, {size:,} were written"
-            if data.scan(path)[0] != crc:
-                return f"{name} fails its checksum (changed after it was written)"
+            if not {"step", "identity", "config"} <= set(json.load(f)):
+                return "run.json lacks a field"
         qwen.check_model_dir(ckpt)
         torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 -- whatever a damaged file raises, the verdict is the same
@@ -1199,10 +1066,9 @@ def checkpoint_damage(ckpt):
 
 
 def save_checkpoint(run, step, student):
-    """out_dir/ckpt-{step}: a complete Hugging Face model directory (weights, config, tokenizer with its
-    chat template, generation config) + trainer_state.pt (optimizer, step, RNG states) + run.json (the
-    run's identity, every file's size and CRC-32), written atomically: a kill leaves the previous checkpoint
-    intact and no half-written one. A failed write (a full disk) stops the run naming the intact one."""
+    """out_dir/ckpt-{step}: a Hugging Face model directory (with tokenizer and chat template) + trainer_state.pt
+    (optimizer, step, RNG states) + run.json (identity, config), sealed and written atomically: a kill leaves the
+    previous one intact. A failed write (a full disk) stops the run naming the intact one."""
     cfg, ckpt = run.cfg, checkpoint_dir(run.cfg.out_dir, step)
     if cfg.zero:
         student.optimizer.consolidate_state_dict(to=0)  # every rank must join; rank 0 receives the full state
@@ -1217,12 +1083,9 @@ def save_checkpoint(run, step, student):
                                 "numpy": np.random.get_state(),
                                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                        os.path.join(tmp, "trainer_state.pt"))
-            # each file's size and CRC-32 (read back from the page cache: ~4 s at 1.5B, see docs/recipe.md)
-            files = {f: [os.path.getsize(os.path.join(tmp, f)), data.scan(os.path.join(tmp, f))[0]]
-                     for f in sorted(os.listdir(tmp))}
-            with open(os.path.join(tmp, "run.json"), "w") as f:  # last: a checkpoint without it is not complete
-                json.dump({"step": step, "identity": run.identity, "config": dataclasses.asdict(cfg),
-                           "files": files}, f, indent=1)
+            with open(os.path.join(tmp, "run.json"), "w") as f:
+                json.dump({"step": step, "identity": run.identity, "config": dataclasses.asdict(cfg)}, f, indent=1)
+            data.seal(tmp)  # read back from the page cache: ~4 s at 1.5B (docs/recipe.md)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's and safetensors' failed writes
         free = shutil.disk_usage(cfg.out_dir).free
         need = 3 * sum(p.numel() * p.element_size() for p in student.model.parameters())  # weights + AdamW m, v
@@ -1263,68 +1126,13 @@ def checkpoint_dir(out_dir, step):
 
 
 def checkpoints(out_dir):
-    # complete checkpoints only: a directory gets its final name after everything in it was written
-    return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt-*"))
-                  if os.path.isfile(os.path.join(d, "run.json")))
+    # the complete checkpoints, oldest first: a directory gets its final name once it is written and sealed
+    return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt-*")) if os.path.isfile(os.path.join(d, data.SEAL)))
 
-
-class OutDirLock:
-    """One run per out_dir: rank 0 holds an flock on out_dir/.lock for the run's life (the kernel drops it when
-    the process dies, so a crashed run never blocks the next); a second run refuses, naming the holder.
-    It also removes what a killed run left: partial checkpoints (.tmp-ckpt-*) and ones being replaced."""
-
-    def __init__(self, out_dir):
-        self.out_dir, self.file = out_dir, None
-
-    def __enter__(self):
-        if int(os.environ.get("RANK", 0)) != 0:  # torchrun's other ranks share rank 0's lock
-            return self
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-            self.file = open(os.path.join(self.out_dir, ".lock"), "a+")
-        except OSError as e:
-            raise SystemExit(f"--out_dir={self.out_dir} is not writable: {e}") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "a process that has not written its name yet"
-            self.file.close()
-            raise SystemExit(f"--out_dir={self.out_dir} is in use by another run ({holder}); wait for it to "
-                             "finish or choose another --out_dir") from None
-        except OSError as e:  # a file system without locks (some network ones)
-            self.file.close()
-            raise SystemExit(f"{self.file.name}: cannot lock it ({e}); use an --out_dir on a local file "
-                             "system") from None
-        try:
-            self.file.truncate(0)
-            self.file.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            self.file.flush()
-            self.remove_leftovers()
-        except BaseException:
-            self.file.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.file:
-            self.file.close()
-
-    def remove_leftovers(self):
-        for old in glob.glob(os.path.join(self.out_dir, "ckpt-*.old")):  # a kill inside qwen.replace_dir: the
-            if not os.path.exists(old[:-4]):                           # complete old one goes back in place
-                os.rename(old, old[:-4])
-        leftovers = [d for pattern in (".tmp-ckpt-*", "ckpt-*.old")
-                     for d in glob.glob(os.path.join(self.out_dir, pattern))]
-        if leftovers:
-            size = sum(os.path.getsize(os.path.join(r, f)) for d in leftovers for r, _, fs in os.walk(d) for f in fs)
-            for d in leftovers:
-                shutil.rmtree(d, ignore_errors=True)
-            print(f"{self.out_dir}: removed {len(leftovers)} partial checkpoint(s) left by a killed run "
-                  f"({size / 1e9:.2f} GB)", flush=True)
 
 # -----------------------------------------------------------------------------
-# training
+# training: the student, each micro-batch's target, the KD step and the MiniLLM step (sharing the gradient
+# accumulation and the optimizer step), the log, the loop
 
 
 class Student(NamedTuple):
@@ -1350,28 +1158,30 @@ def build_student(run):
     return Student(model, ddp, torch.optim.AdamW(groups, **adam))
 
 
-class Target(NamedTuple):
-    """Where a micro-batch's target comes from: the store of the target pass, the frozen models live
-    ({role: model}), or nowhere (SFT: both empty)."""
+class TargetSource(NamedTuple):
+    """Where each micro-batch's target comes from: the frozen models run live ({role: model}), or the store the
+    target pass wrote (training then loads no frozen model); neither for SFT."""
     frozen: dict
     store: "data.TargetStore | None"
 
-    def of(self, input_ids, examples, autocast_mode):
-        if self.store:
-            return stored_target(self.store, examples, input_ids.device)
-        return frozen_hidden_states(self.frozen, input_ids, autocast_mode) if self.frozen else None
+    def of(self, batch, autocast_mode):
+        # a micro-batch's target (its tensors on the device), as distill_loss takes it
+        if self.store:  # the StoredTarget rows of the micro-batch's examples, in its order
+            rows = {k: torch.from_numpy(v).to(batch.input_ids.device) for k, v in self.store.get(batch.examples).items()}
+            return StoredTarget(rows["ids"].long(), rows["logp"].float(), rows["rest"])
+        return frozen_hidden_states(self.frozen, batch.input_ids, autocast_mode) if self.frozen else None
 
 
-def load_target(run, cache):
-    """The loss's target for the whole run: stored once by the target pass (training then loads no frozen
-    model), or the frozen models loaded to run live at every step."""
+def target_source(run, cache):
+    """The run's TargetSource: the target pass stores the targets once (training then loads no frozen model), or
+    the frozen models are loaded to run live at every step."""
     cfg = run.cfg
     if cfg.targets_dir:
         store = data.TargetStore(cfg.targets_dir, cache, targets_key(run, cache))
         compute_targets(run, cache, store)
-        return Target({}, store)
+        return TargetSource({}, store)
     frozen = load_frozen(run)
-    return Target({r: torch.compile(m) for r, m in frozen.items()} if cfg.compile else frozen, None)
+    return TargetSource({r: torch.compile(m) for r, m in frozen.items()} if cfg.compile else frozen, None)
 
 
 def uncompiled(model):
@@ -1391,6 +1201,9 @@ class MicroBatch(NamedTuple):
     examples: np.ndarray        # the cache's example indices (a stored target's rows)
     lengths: np.ndarray         # their real lengths (model FLOPs)
     sampled: bool = False       # the answers are the student's own samples (--on_policy): no SFT term
+
+    def to(self, device):
+        return self._replace(input_ids=self.input_ids.to(device), labels=self.labels.to(device))
 
 
 def micro_batches(run, cache, examples):
@@ -1415,19 +1228,17 @@ def answer_prompts(batch):
 
 
 def sample_answers(run, model, micro, step, teacher_mix=None):
-    """The step's micro-batches with those drawn (on_policy_draw) answered by the student itself: for each
-    prompt (answer_prompts, as SeqKD's), one sample at --on_policy_temperature, in eval mode with the KV
-    cache and no gradient, up to <|im_end|> (then supervised, as in the data) or the length limit; MiniLLM
-    mixes its teacher in (teacher_mix = (model, mix), Qwen.generate's mix_in). Each sample has at least one
-    token (generate's first; the prompt leaves room for it within max_len), so a sampled micro-batch always
-    has supervised tokens. Returns them and the figures [sampled micro-batches, sampled tokens, samples,
-    seconds]."""
-    cfg = run.cfg
-    out, figures, was_training = [], np.zeros(4), model.training
+    """The step's micro-batches with those drawn (on_policy_draw) answered by the student itself: one sample per
+    prompt (answer_prompts) at --on_policy_temperature, up to <|im_end|> (supervised, as in the data) or the
+    length limit, with MiniLLM's teacher mixed in (teacher_mix = (model, mix)). Each sample has at least one token
+    (the prompt leaves room for it), so a sampled micro-batch always has supervised tokens. Returns them and the
+    step's sampling figures, all ranks."""
+    cfg, out, was_training = run.cfg, [], model.training
+    count = {"batches": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
     model.eval()
     for j, batch in enumerate(micro):
         u, seed = on_policy_draw(cfg.seed, step, run.rank + j * run.world)
-        if u >= on_policy_of(cfg):
+        if u >= cfg.on_policy:
             out.append(batch)
             continue
         t0 = time.time()
@@ -1440,23 +1251,22 @@ def sample_answers(run, model, micro, step, teacher_mix=None):
         examples = [(p + a, [data.IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers)]
         input_ids, labels, _ = data.collate(examples, run.pad_id, run.length_multiple)
         out.append(MicroBatch(input_ids, labels, batch.examples, np.array([len(e) for e, _ in examples]), True))
-        figures += [1, sum(map(len, answers)), len(answers), time.time() - t0]
+        count["batches"] += 1
+        count["tokens"] += sum(map(len, answers))
+        count["samples"] += len(answers)
+        count["seconds"] += time.time() - t0
     model.train(was_training)
-    return out, figures
-
-
-def sampling_record(run, sample_figures, micro):
-    # the step's on-policy figures, all ranks together; tokens per second per device while sampling
-    batches, tokens, samples, seconds, n_micro = all_reduce(torch.tensor([*sample_figures, len(micro)],
-                                                                         dtype=torch.float64, device=run.device)).tolist()
-    return {"sampled": batches / n_micro, "sampled_length": tokens / max(samples, 1),
-            "sampled_tokens_per_s": tokens / max(seconds, 1e-9)}
+    total = dict(zip(count, all_reduce(torch.tensor(list(count.values()), dtype=torch.float64,
+                                                    device=run.device)).tolist()))
+    return out, {"sampled": total["batches"] / (len(micro) * run.world),
+                 "sampled_length": total["tokens"] / max(total["samples"], 1),
+                 "sampled_tokens_per_s": total["tokens"] / max(total["seconds"], 1e-9)}
 
 
 class Rollout(NamedTuple):
     """A sampled micro-batch as MiniLLM's PPO passes read it, scored once before them (minillm_rollouts)."""
-    frozen: dict                # the teacher's hidden states over the samples (Target.of), fixed across the passes
-    ppo: torch.Tensor           # (N, 3) per sampled token: log q_old(y_t), the whitened reward-to-go A_t, w_t
+    teacher_states: dict        # the teacher's {role: (final hidden states, head)} over the samples: every pass's target
+    ppo: PPORows                # per sampled token: log q_old(y_t), the whitened reward-to-go A_t, w_t
 
 
 def token_logprobs(h, head, label_ids, spec):
@@ -1468,32 +1278,31 @@ def token_logprobs(h, head, label_ids, spec):
 
 
 @torch.no_grad()
-def minillm_rollouts(run, student, target, micro):
+def minillm_rollouts(run, student, source, micro):
     """The step's samples scored for MiniLLM by the student that drew them and the teacher: each token's log
-    q_old(y_t) (the ratio's denominator), importance weight and reward; the reward-to-go whitened (mean 0,
-    variance 1) over the whole rollout batch, every micro-batch of every rank (LMOps whitens each minibatch,
-    padding included: here the minibatch is the rollout batch, and padding is left out). Returns the Rollouts
-    and the rollout batch's mean reward."""
-    cfg, spec, rows = run.cfg, run.spec, []
+    q_old(y_t), importance weight and reward; the reward-to-go whitened over the whole rollout batch, all ranks
+    (LMOps whitens each minibatch, padding included; here padding is left out). Returns the Rollouts and the
+    mean reward."""
+    cfg, spec, scored = run.cfg, run.spec, []
     for batch in micro:
-        input_ids, labels = batch.input_ids.to(run.device), batch.labels.to(run.device)
-        mask, label_ids = shift_labels(labels)
-        frozen = target.of(input_ids, batch.examples, cfg.autocast)
+        mask, label_ids = shift_labels(batch.labels)
+        teacher_states = source.of(batch, cfg.autocast)
         with autocast(run.device, cfg.autocast):
-            h = student.model(input_ids, return_hidden=True)
+            h = student.model(batch.input_ids, return_hidden=True)
         logq_y = token_logprobs(h[:, :-1][mask], student.model.lm_head.weight, label_ids, spec)
-        teacher_h, teacher_head = frozen["teacher_ft"]
+        teacher_h, teacher_head = teacher_states["teacher_ft"]
         logp_y = token_logprobs(teacher_h[:, :-1][mask], teacher_head, label_ids, spec)
         rewards = minillm_rewards(logp_y, logq_y, cfg)
-        rows.append((frozen, logq_y, reward_to_go(rewards, mask, cfg.reward_gamma),
-                     importance_weights(logq_y, logp_y, cfg.teacher_mix), rewards.sum()))
-    returns = torch.cat([r for _, _, r, _, _ in rows])  # float64
+        returns = reward_to_go(rewards, mask, cfg.reward_gamma)  # float64; the advantage once whitened
+        scored.append((teacher_states, PPORows(logq_y, returns, importance_weights(logq_y, logp_y, cfg.teacher_mix)),
+                       rewards.sum()))
+    returns = torch.cat([ppo.advantage for _, ppo, _ in scored])
     n, total, squares, reward = all_reduce(torch.stack([torch.ones_like(returns).sum(), returns.sum(),
-                                                        returns.square().sum(), sum(r[-1] for r in rows).double()]))
+                                                        returns.square().sum(), sum(r for _, _, r in scored).double()]))
     mean = total / n
     scale = torch.rsqrt(squares / n - mean**2 + 1e-8)  # the population variance, as LMOps' whiten
-    return [Rollout(frozen, torch.stack([logq_y, ((r - mean) * scale).float(), w], 1))
-            for frozen, logq_y, r, w, _ in rows], (reward / n).item()
+    return [Rollout(states, ppo._replace(advantage=((ppo.advantage - mean) * scale).float()))
+            for states, ppo, _ in scored], (reward / n).item()
 
 
 def lr_at(step, cfg, total):
@@ -1504,55 +1313,30 @@ def lr_at(step, cfg, total):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train_step(run, student, target, micro, step, total):
-    """One optimizer step over this rank's micro-batches; returns the loss sums (loss, sft, kd) per supervised
-    token, the grad norm, the lr, and the token counts and model FLOPs of all ranks. With --on_policy the
-    drawn micro-batches are first answered by the student (sample_answers); on those the loss is the KD term
-    alone at full weight (lam = 0: the student's own tokens are no labels), so every supervised token of the
-    step weighs the same, and at on_policy = 1 the loss is the KD term alone, on the student's samples (GKD's).
-    The logged sft sums the data's tokens only (still divided by all the step's supervised tokens). MiniLLM
-    samples every micro-batch with its teacher mixed in, scores the samples once (minillm_rollouts), and makes
-    --ppo_epochs updates on them (a step is one rollout batch; the logged sums are the passes' mean, the grad
-    norm the last pass's)."""
-    cfg, device = run.cfg, run.device
-    minillm = METHODS[cfg.method].policy_gradient
-    teacher_mix = (uncompiled(target.frozen["teacher_ft"]), cfg.teacher_mix) if minillm else None
-    micro, sample_figures = (sample_answers(run, student.model, micro, step, teacher_mix) if on_policy_of(cfg)
-                             else (micro, None))
-    rollouts, reward = minillm_rollouts(run, student, target, micro) if minillm else (None, None)
-    # normalise by the supervised tokens of the whole step, all micro-batches and ranks together
-    n_tokens = all_reduce(torch.tensor(sum(int(supervised_mask(b.labels).sum()) for b in micro),
-                                       dtype=torch.float64, device=device)).item()
-    lr = lr_at(step, cfg, total)
-    for g in student.optimizer.param_groups:
-        g["lr"] = lr
-    passes = cfg.ppo_epochs if minillm else 1
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # all ranks, per supervised token, summed over passes
-    for _ in range(passes):
-        pass_sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for i, batch in enumerate(micro):
-            input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-            sync = i == len(micro) - 1 or not dist.is_initialized()
-            with contextlib.nullcontext() if sync else student.ddp.no_sync():  # all-reduce on the last only
-                frozen = rollouts[i].frozen if minillm else target.of(input_ids, batch.examples, cfg.autocast)
-                with autocast(device, cfg.autocast):
-                    h = student.ddp(input_ids, return_hidden=True)
-                spec = dataclasses.replace(run.spec, lam=0.0) if batch.sampled else run.spec
-                loss, sft, kd, _ = distill_loss(h, student.model.lm_head.weight, labels, frozen, spec,
-                                                rollouts[i].ppo if minillm else None)
-                # DDP averages gradients over ranks; * world turns that into the global token mean
-                (loss * (run.world / n_tokens)).backward()
-            pass_sums += torch.stack([loss.detach(), sft * (not batch.sampled), kd]).double()  # sft: the data's tokens
-        pass_sums = all_reduce(pass_sums) / n_tokens
-        gnorm = optimizer_step(run, student, step, pass_sums)
-        sums += pass_sums / passes
-    n_in, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro),
-                                           step_flops(run, micro, student, target)],
-                                          dtype=torch.float64, device=device)).tolist()
-    return {"loss": sums[0].item(), "sft": sums[1].item(), "kd": sums[2].item(), "lr": lr, "grad_norm": gnorm.item(),
-            "tokens": n_in, "flops": flops, "supervised_tokens": n_tokens,
-            **(sampling_record(run, sample_figures, micro) if sample_figures is not None else {}),
-            **({"reward": reward} if minillm else {})}
+def supervised_tokens(run, micro):
+    # the step's supervised tokens, all micro-batches and ranks: what the loss is divided by, once
+    return all_reduce(torch.tensor(sum(int(supervised_mask(b.labels).sum()) for b in micro),
+                                   dtype=torch.float64, device=run.device)).item()
+
+
+def accumulate_gradients(run, student, micro, targets, n_tokens, ppo=None):
+    """Forward and backward over this rank's micro-batches (on the device) and their targets (distill_loss's;
+    ppo: MiniLLM's PPORows of each), the gradients accumulated and scaled to those of the mean over the step's
+    n_tokens supervised tokens, all ranks (DDP all-reduces on the last micro-batch only). Returns the sums
+    (loss, sft, kd) per supervised token, all ranks; sft counts the data's tokens only."""
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)
+    for i, (batch, target) in enumerate(zip(micro, targets)):
+        sync = i == len(micro) - 1 or not dist.is_initialized()
+        with contextlib.nullcontext() if sync else student.ddp.no_sync():
+            with autocast(run.device, run.cfg.autocast):
+                h = student.ddp(batch.input_ids, return_hidden=True)
+            spec = dataclasses.replace(run.spec, lam=0.0) if batch.sampled else run.spec  # samples have no labels
+            loss, sft, kd, _ = distill_loss(h, student.model.lm_head.weight, batch.labels, target, spec,
+                                            ppo[i] if ppo else None)
+            # DDP averages gradients over ranks; * world turns that into the global token mean
+            (loss * (run.world / n_tokens)).backward()
+        sums += torch.stack([loss.detach(), sft * (not batch.sampled), kd]).double()
+    return all_reduce(sums) / n_tokens
 
 
 def optimizer_step(run, student, step, sums):
@@ -1571,19 +1355,58 @@ def optimizer_step(run, student, step, sums):
     return gnorm
 
 
-def step_flops(run, micro, student, target):
-    # model FLOPs of this rank's micro-batches: the student trained on every real token (once per PPO pass) and run
-    # forward over a sampled sequence (its sampling; MiniLLM's scoring too), each live frozen model forward (MiniLLM:
-    # its teacher also in the sampling)
-    minillm, s = METHODS[run.cfg.method].policy_gradient, student.model.config
-    passes = run.cfg.ppo_epochs if minillm else 1
-    total = 0.0
-    for batch in micro:
-        for T in batch.lengths.tolist():
-            total += passes * T * qwen.flops_per_token(s, T, train=True)
-            total += batch.sampled * (1 + minillm) * T * qwen.flops_per_token(s, T, train=False)
-            total += (1 + minillm) * sum(T * qwen.flops_per_token(m.config, T, train=False) for m in target.frozen.values())
-    return total
+def kd_step(run, student, source, micro, step):
+    """One optimizer step of SFT or a KD method (Delta-KD's) over this rank's micro-batches; returns its record.
+    With --on_policy the drawn micro-batches are first answered by the student (sample_answers); on those the
+    loss is the KD term alone at full weight (lam = 0: the student's own tokens are no labels), every supervised
+    token of the step weighing the same, so at --on_policy=1 it is GKD's loss on the student's samples."""
+    micro, sampling = sample_answers(run, student.model, micro, step) if run.cfg.on_policy else (micro, {})
+    n_tokens = supervised_tokens(run, micro)
+    micro = [batch.to(run.device) for batch in micro]
+    targets = (source.of(batch, run.cfg.autocast) for batch in micro)  # live frozen models: one micro-batch at a time
+    sums = accumulate_gradients(run, student, micro, targets, n_tokens)
+    grad_norm = optimizer_step(run, student, step, sums)
+    return {**step_record(run, micro, sums, n_tokens, grad_norm), **sampling}
+
+
+def minillm_step(run, student, source, micro, step):
+    """MiniLLM's step, one rollout batch: every micro-batch answered by the student with its teacher mixed into
+    the sampling, the samples scored once (minillm_rollouts), then --ppo_epochs optimizer updates on them at the
+    step's lr. Its record holds the passes' mean sums, the last pass's grad norm and the rollout's mean reward."""
+    teacher = uncompiled(source.frozen["teacher_ft"])
+    micro, sampling = sample_answers(run, student.model, micro, step, (teacher, run.cfg.teacher_mix))
+    n_tokens = supervised_tokens(run, micro)
+    micro = [batch.to(run.device) for batch in micro]
+    rollouts, reward = minillm_rollouts(run, student, source, micro)
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)
+    for _ in range(run.cfg.ppo_epochs):
+        pass_sums = accumulate_gradients(run, student, micro, [r.teacher_states for r in rollouts], n_tokens,
+                                         [r.ppo for r in rollouts])
+        grad_norm = optimizer_step(run, student, step, pass_sums)
+        sums += pass_sums / run.cfg.ppo_epochs
+    return {**step_record(run, micro, sums, n_tokens, grad_norm), **sampling, "reward": reward}
+
+
+def step_record(run, micro, sums, n_tokens, grad_norm):
+    # the step's loss terms per supervised token and grad norm, with the input tokens and model FLOPs of all ranks
+    flops = sum(sequence_flops(run.cfg, run.configs, T, b.sampled) for b in micro for T in b.lengths.tolist())
+    tokens, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro), flops],
+                                            dtype=torch.float64, device=run.device)).tolist()
+    loss, sft, kd = sums.tolist()
+    return {"loss": loss, "sft": sft, "kd": kd, "grad_norm": grad_norm.item(), "tokens": tokens, "flops": flops,
+            "supervised_tokens": n_tokens}
+
+
+def sequence_flops(cfg, configs, T, sampled):
+    """Model FLOPs a step spends on one sequence of T tokens: the one formula of the log's MFU and the dry run
+    (configs {role: QwenConfig}). The student trains on it (once per PPO pass) and runs forward over it where it
+    sampled it (sampled: 0/1, or the --on_policy share); each live frozen model runs forward. MiniLLM runs both once
+    more: its teacher decodes beside the sampling, and the student scores its rollout."""
+    minillm, student = METHODS[cfg.method].policy_gradient, configs["student"]
+    live = () if cfg.targets_dir else target_weights(cfg.divergence, cfg.alpha)
+    return T * ((cfg.ppo_epochs if minillm else 1) * qwen.flops_per_token(student, T, train=True)
+                + sampled * (1 + minillm) * qwen.flops_per_token(student, T, train=False)
+                + (1 + minillm) * sum(qwen.flops_per_token(configs[r], T, train=False) for r in live))
 
 
 def peak_flops(cfg, device):
@@ -1624,15 +1447,14 @@ class Log:
         if not self.run.cfg.quiet:
             eta = (time.time() - self.t_start) / step * (total - step)
             mfu = f"mfu {rec['mfu']:.1%}" if self.peak else f"{rec['tflops_per_device']:.2f} TFLOP/s/device"
-            sampled = ""
-            if "sampled" in rec:  # --on_policy: the share of sampled micro-batches, and the samples when there are any
-                samples = f" (mean {rec['sampled_length']:.0f} tokens, {rec['sampled_tokens_per_s']:.0f} tok/s)"
-                sampled = f"sampled {rec['sampled']:.0%}{samples if rec['sampled'] else ''} | "
-            reward = f"reward {rec['reward']:.3f} | " if "reward" in rec else ""  # MiniLLM's mean r_t
-            print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | "
-                  f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {sampled}{reward}"
-                  f"{rec['tokens_per_s']:.0f} tok/s | "
-                  f"{mfu} | eta {eta:.0f}s")
+            extra = ""  # --on_policy: the share of sampled micro-batches, and the samples when there are any
+            if rec.get("sampled"):
+                extra = f" (mean {rec['sampled_length']:.0f} tokens, {rec['sampled_tokens_per_s']:.0f} tok/s)"
+            extra = f"sampled {rec['sampled']:.0%}{extra} | " if "sampled" in rec else ""
+            extra += f"reward {rec['reward']:.3f} | " if "reward" in rec else ""  # MiniLLM's mean r_t
+            print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | lr "
+                  f"{rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {extra}{rec['tokens_per_s']:.0f} tok/s | {mfu} | "
+                  f"eta {eta:.0f}s")
 
     def eval(self, step, scores):
         if not self.run.master:
@@ -1691,13 +1513,13 @@ def eval_only(run):
 
 def train(cfg):
     """One run of the configured method; returns the final evaluation scores (rank 0) or {}."""
-    with OutDirLock(cfg.out_dir):
+    with data.out_dir_lock(cfg.out_dir):
         run = start(cfg)  # every input checked; the checkpoint to resume from chosen
         if cfg.eval_only:
             return eval_only(run)
         cache, train_idx, evalset = load_data(run)  # tokenized once into a memory-mapped cache
-        target = load_target(run, cache)  # stored on disk by the target pass, or the frozen models live
-        if cfg.targets_only and cfg.targets_dir:
+        source = target_source(run, cache)  # the frozen models live, or the store of the target pass
+        if cfg.targets_only:
             return {}
         student = build_student(run)
         batches = data.Batches(cache.lengths[train_idx], cfg.batch_size, cfg.seed, run.world * cfg.grad_accum)
@@ -1707,15 +1529,18 @@ def train(cfg):
         step = load_checkpoint(run, student) if run.resume_from else 0
         log = Log(run)
         log.continue_from(step)
-        evaluation = Evaluation(run, evalset, target.frozen, log)
+        evaluation = Evaluation(run, evalset, source.frozen, log)
+        one_step = minillm_step if METHODS[cfg.method].policy_gradient else kd_step
         student.model.train()
         with Preemption() as preemption:
             while step < total:
-                t0 = time.time()
+                t0, lr = time.time(), lr_at(step, cfg, total)
+                for group in student.optimizer.param_groups:
+                    group["lr"] = lr
                 micro = micro_batches(run, cache, [train_idx[b] for b in batches.at(step, run.rank, run.world)])
-                rec = train_step(run, student, target, micro, step, total)
+                rec = one_step(run, student, source, micro, step)
                 step += 1
-                log.step(step, total, rec, time.time() - t0)
+                log.step(step, total, {**rec, "lr": lr}, time.time() - t0)
                 if preemption.agreed(run.device):
                     save_checkpoint(run, step, student)
                     if run.master:
@@ -1735,9 +1560,8 @@ def train(cfg):
 
 # (chunk, vocab) fp32 tensors live at once in the chunked loss: SFT alone, the student's logits (which become
 # dz); forward KL (and MiniLLM, also in closed form), those plus the target's logits and its probabilities; a
-# divergence differentiated by
-# autograd, those plus its graph's copies of logq and of the elementwise terms (a CPU step peaks inside the
-# loss; test_deltakd's dry-run test holds the plan to 20% of a measured step)
+# divergence differentiated by autograd, those plus its graph's copies of logq and of the elementwise terms (a
+# CPU step peaks inside the loss; test_deltakd's dry-run test holds the plan to 20% of a measured step)
 LOSS_BUFFERS = {"sft": 1, "fkl": 3, "autograd": 9}
 
 
@@ -1748,21 +1572,15 @@ def activation_dtype_bytes(cfg):
 
 def memory_plan(cfg, configs, world):
     """[(item, bytes per GPU)] of a run: configs {role: QwenConfig} with the student under "student"."""
-    def params(config):
-        with torch.device("meta"):
-            return qwen.num_parameters(qwen.Qwen(config))
-    s = configs["student"]
-    n = params(s)
-    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.teacher_dtype]
-    act = activation_dtype_bytes(cfg)
+    with torch.device("meta"):
+        params = {role: qwen.num_parameters(qwen.Qwen(config)) for role, config in configs.items()}
+    s, n, act = configs["student"], params.pop("student"), activation_dtype_bytes(cfg)
+    dtype_bytes = getattr(torch, cfg.teacher_dtype).itemsize
     rows = [(f"student weights fp32 ({n:,} params)", 4 * n), ("student gradients fp32", 4 * n),
             (f"AdamW m + v fp32{f' (ZeRO over {world} ranks)' if cfg.zero else ''}", 8 * n // (world if cfg.zero else 1))]
-    for role, config in configs.items():
-        if role != "student":
-            m = params(config)
-            rows.append((f"{role} {cfg.teacher_dtype} ({m:,} params)", dtype_bytes * m))
-    closed_form = divergence_of(cfg) == "fkl" or METHODS[cfg.method].policy_gradient
-    buffers = LOSS_BUFFERS["sft" if divergence_of(cfg) is None else "fkl" if closed_form else "autograd"]
+    rows += [(f"{role} {cfg.teacher_dtype} ({m:,} params)", dtype_bytes * m) for role, m in params.items()]
+    closed_form = cfg.divergence == "fkl" or METHODS[cfg.method].policy_gradient
+    buffers = LOSS_BUFFERS["sft" if cfg.divergence is None else "fkl" if closed_form else "autograd"]
     buffers += act == 2  # under bf16 autocast, half-size bf16 logits and dz on their way into and out of them
     rows.append((f"loss: {buffers} ({cfg.chunk_size} x vocab) fp32 buffers + fp32 lm_head gradient",
                  4 * (buffers * cfg.chunk_size * s.vocab_size + s.vocab_size * s.hidden_size)))
@@ -1770,35 +1588,32 @@ def memory_plan(cfg, configs, world):
     rows.append((f"activations {cfg.batch_size} x {cfg.max_len}, {'bf16' if act == 2 else 'fp32'}, "
                  f"checkpointing={'on' if cfg.grad_checkpointing else 'off'}",
                  qwen.activation_bytes(s, tokens, act, cfg.grad_checkpointing)))
-    if on_policy_of(cfg):  # the longest prompt + the longest sample; held while the student samples, before the
-        # step's forward (counted as if at the peak: a bound), while the frozen models stay loaded. The cache is in
-        # the autocast dtype, else the weights' (Qwen.empty_kv_cache)
+    if cfg.on_policy:  # the longest prompt + the longest sample; held while the student samples, before the step's
+        # forward (counted as if at the peak: a bound), while the frozen models stay loaded. The cache is in the
+        # autocast dtype, else the weights' (Qwen.empty_kv_cache)
         L = cfg.max_len + min(cfg.on_policy_max_new_tokens, cfg.max_len)
         rows.append((f"on-policy sampling: the student's KV cache, {cfg.batch_size} x {L} at most, "
                      f"{'bf16' if act == 2 else 'fp32'}", qwen.kv_cache_bytes(s, cfg.batch_size * L, act)))
-    if METHODS[cfg.method].policy_gradient:  # the teacher samples in lockstep; its hidden states serve every PPO pass
-        t = configs["teacher_ft"]
-        rows.append(("MiniLLM: the teacher's KV cache while sampling",
-                     qwen.kv_cache_bytes(t, cfg.batch_size * L, 2 if act == 2 else dtype_bytes)))
-        rows.append((f"MiniLLM: the teacher's hidden states of {cfg.grad_accum} rollout micro-batch(es), "
-                     f"{cfg.teacher_dtype}",
-                     cfg.grad_accum * cfg.batch_size * cfg.max_len * t.hidden_size * dtype_bytes))
+        if METHODS[cfg.method].policy_gradient:  # its teacher samples beside it; its states serve every PPO pass
+            t = configs["teacher_ft"]
+            rows.append(("MiniLLM: the teacher's KV cache while sampling",
+                         qwen.kv_cache_bytes(t, cfg.batch_size * L, 2 if act == 2 else dtype_bytes)))
+            rows.append((f"MiniLLM: the teacher's hidden states of {cfg.grad_accum} rollout micro-batch(es), "
+                         f"{cfg.teacher_dtype}",
+                         cfg.grad_accum * cfg.batch_size * cfg.max_len * t.hidden_size * dtype_bytes))
     return rows
 
 
 def dry_run(cfg):
     """--dry_run=true: every model of the run built on the meta device from its config.json (no weight
-    is read), the per-GPU memory plan and the model FLOPs of one optimizer step; returns the plan."""
+    is read), the per-GPU memory plan and the model FLOPs of one optimizer step (sequence_flops); returns
+    the plan."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     dirs = {"student": cfg.student, **({} if cfg.targets_dir else frozen_dirs(cfg))}
     configs = {r: qwen.QwenConfig.from_json(os.path.join(p, "config.json")) for r, p in dirs.items()}
     rows = memory_plan(cfg, configs, world)
     T, s = cfg.max_len, configs["student"]
-    minillm = METHODS[cfg.method].policy_gradient  # as step_flops: PPO passes; the sampling's (and scoring's) forwards
-    flops = world * cfg.grad_accum * cfg.batch_size * T * (
-        (cfg.ppo_epochs if minillm else 1) * qwen.flops_per_token(s, T, train=True)
-        + on_policy_of(cfg) * (1 + minillm) * qwen.flops_per_token(s, T, train=False)
-        + (1 + minillm) * sum(qwen.flops_per_token(c, T, train=False) for r, c in configs.items() if r != "student"))
+    flops = world * cfg.grad_accum * cfg.batch_size * sequence_flops(cfg, configs, T, cfg.on_policy)
     other = qwen.activation_bytes(s, cfg.batch_size * T, activation_dtype_bytes(cfg), not cfg.grad_checkpointing)
     print(f"memory plan per GPU (world size {world}, --method={cfg.method}"
           f"{', stored targets' if cfg.targets_dir else ''}):")
@@ -1806,228 +1621,23 @@ def dry_run(cfg):
         print(f"  {item:<78} {b / 1e9:7.2f} GB")
     print(f"  {'total':<78} {sum(b for _, b in rows) / 1e9:7.2f} GB")
     print(f"  (activations with checkpointing {'off' if cfg.grad_checkpointing else 'on'} instead: {other / 1e9:.2f} GB)")
-    print(f"model FLOPs per optimizer step{' (MiniLLM, per rollout batch of --ppo_epochs updates)' if minillm else ''} "
-          f"(all ranks, every sequence {T} tokens): {flops:.3e}")
+    minillm = " (MiniLLM, per rollout batch of --ppo_epochs updates)" if METHODS[cfg.method].policy_gradient else ""
+    print(f"model FLOPs per optimizer step{minillm} (all ranks, every sequence {T} tokens): {flops:.3e}")
     return rows
-
-# -----------------------------------------------------------------------------
-# the demo: the whole method on bundled data, on a 2-core CPU in minutes. Every stage is a train() call
-# with its own Config: the same loop and loss as a real run. docs/demo.md says why it is built this way.
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    task_data: str = os.path.join(HERE, "assets/data/gsm8k/test.jsonl")  # GSM8K word problems: the task's inputs
-    raw_models: str = os.path.join(HERE, "assets/demo")  # seed*/raw-{teacher,student} + tokenizer.json (pretrain.py)
-    task_sentences: int = 3     # the task's input: the problem's last 3 sentences (short prompts, cheap steps)
-    max_len: int = 192
-    eval_size: int = 120
-    eval_max_new_tokens: int = 48
-    eval_temperature: float = 1.0
-    eval_seeds: int = 2
-    finetune: dict = dataclasses.field(default_factory=lambda: dict(max_steps=1000, lr=3e-3, warmup_steps=10,
-                                                                    batch_size=16))
-    distill: dict = dataclasses.field(default_factory=lambda: dict(max_steps=400, lr=3e-3, warmup_steps=10,
-                                                                   batch_size=16))
-    # --full_comparison=true: the seeds, Delta-KD's alphas, its stored top-k run and its on-policy run, and MiniLLM
-    full_seeds: int = 3
-    full_alphas: tuple = (0.0, 0.5, 1.0)
-    full_topk: int = 16
-    full_on_policy: float = 0.5
-    minillm_steps: int = 100    # rollout batches of --ppo_epochs (4) updates each: as many updates as the others
-
-
-DEMO = DemoSettings()
-TASK_INSTRUCTION = "What does this problem ask? Answer with its question sentence.\n\n"
-DEMO_NAMES = {"raw-teacher": "Raw teacher (pretrained only)", "teacher-ft": "Teacher (finetuned)",
-              "raw-student": "Raw student (pretrained only)", "student-sft": "SFT", "student-fkl": "Forward KL",
-              "student-rkl": "Reverse KL", "student-seqkd": "SeqKD",
-              "student-minillm": "MiniLLM (from the SFT student)",
-              "teacher-ft-own": "Teacher (finetuned), on its own finetuning problems",
-              "teacher-ft-distill": "Teacher (finetuned), on the distillation problems",
-              "references": "Reference answers (sanity only)"}
-
-
-def demo_task(row):
-    """The demo's task: the last sentences of a GSM8K word problem -> the one that asks the question (the
-    last), copied. Short and different for every problem, so a 1M-parameter teacher that learned to
-    copy from its context in pretraining becomes a real model of it."""
-    sentences = re.split(r"(?<=[.!?])\s+", " ".join(row["question"].split()))
-    return {"messages": [{"role": "user", "content": TASK_INSTRUCTION + " ".join(sentences[-DEMO.task_sentences:])},
-                         {"role": "assistant", "content": sentences[-1]}]}
-
-
-def demo_raw_model(root, seed, role):
-    # where the raw teacher or raw student of a seed lives (role "teacher" or "student")
-    return os.path.join(root, f"seed{seed}", f"raw-{role}")
-
-
-def demo(cfg):
-    """The raw models (given) -> the teacher finetuned on half the task's training problems -> students
-    distilled from the raw student on the other half (SFT, FKL, RKL, SeqKD, Delta-KD) -> one table on the
-    held-out problems. --full_comparison=true: every stage over several seeds, Delta-KD at several alphas,
-    with stored top-k targets and on-policy, and MiniLLM from the SFT student."""
-    t_start, root = time.time(), cfg.out_dir
-    raw = cfg.demo_raw_models or DEMO.raw_models
-    seeds = range(cfg.seed, cfg.seed + (DEMO.full_seeds if cfg.full_comparison else 1))
-    missing = [s for s in seeds if not all(os.path.isfile(os.path.join(demo_raw_model(raw, s, r), "config.json"))
-                                           for r in ("teacher", "student"))]
-    if missing or not os.path.isfile(os.path.join(raw, "tokenizer.json")):
-        raise SystemExit(f"demo: {raw} lacks the raw models of seed(s) {', '.join(map(str, missing or seeds))}; "
-                         f"make them with `python assets/demo/pretrain.py {raw} --seeds={','.join(map(str, seeds))}`")
-    os.makedirs(root, exist_ok=True)
-    print(f"demo: no --student given, so running the embedded demo into {root}/ (see README)")
-    tok = Tokenizer.from_file(os.path.join(raw, "tokenizer.json"))
-    task = [demo_task(r) for r in data.read_rows(DEMO.task_data)]
-    train_rows, eval_rows = data.split_rows(task, DEMO.eval_size, cfg.seed)
-    # the teacher is finetuned on half the training problems and the students distilled on the other half: on
-    # problems it was finetuned on, the teacher has memorised the answers, and its targets would be the labels
-    distill_rows, teacher_rows = data.split_rows(train_rows, len(train_rows) // 2, cfg.seed)
-    # evaluation skips problems too long for max_len: so do the baselines, on the same problems
-    eval_rows = [r for r in eval_rows if data.eval_examples([r], tok, DEMO.max_len, cfg.system_prompt)]
-    for name, rows in (("task_teacher.jsonl", teacher_rows), ("task_distill.jsonl", distill_rows),
-                       ("task_eval.jsonl", eval_rows)):
-        with open(os.path.join(root, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    results = {}  # name -> {seed: scores}
-    for seed in seeds:
-        demo_seed(cfg, seed, results)
-    refs = [r["messages"][1]["content"] for r in eval_rows]
-    for name, preds in trivial_baselines(distill_rows, eval_rows).items():
-        results[f"baseline: {name}"] = {"-": {**rouge_f1(refs, preds), **answer_sanity(preds)}}
-    results["references"] = {"-": answer_sanity(refs)}  # a perfect copier's sanity: some questions repeat a 4-gram
-    table = demo_table(results)
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\n{len(eval_rows)} held-out problems, {DEMO.eval_max_new_tokens} new tokens; ROUGE F1 stemmed, greedy "
-          f"and sampled (temperature {DEMO.eval_temperature}, top_p 1, mean of {DEMO.eval_seeds} seeds); "
-          f"teacher-forced figures per reference token:\n{table}\ndemo took {time.time() - t_start:.0f}s; "
-          f"table in {root}/results.md")
-    return results
-
-
-def demo_seed(cfg, seed, results):
-    # every stage of the demo for one seed, each one's scores added to results[name][seed]
-    root = os.path.join(cfg.out_dir, f"seed{seed}") if cfg.full_comparison else cfg.out_dir
-    raw = cfg.demo_raw_models or DEMO.raw_models
-    raw_teacher, raw_student = demo_raw_model(raw, seed, "teacher"), demo_raw_model(raw, seed, "student")
-    teacher_ft = checkpoint_dir(os.path.join(root, "teacher-ft"), DEMO.finetune["max_steps"])
-    task_teacher, task_distill, task_eval = (os.path.join(cfg.out_dir, f"task_{f}.jsonl")
-                                             for f in ("teacher", "distill", "eval"))
-    alphas, topk = (DEMO.full_alphas, DEMO.full_topk) if cfg.full_comparison else ((cfg.alpha,), 0)
-    students = {m: {"method": m} for m in ("sft", "fkl", "rkl", "seqkd")}
-    students.update({f"delta-a{a:g}": {"method": "delta", "alpha": a} for a in alphas})
-    on_policy = cfg.on_policy or (DEMO.full_on_policy if cfg.full_comparison else 0)
-    if on_policy:  # on-policy Delta-KD beside the off-policy one (and with --on_policy=P, on-policy forward KL)
-        on_policy_methods = [(f"delta-a{cfg.alpha:g}", "delta")] + [("fkl", "fkl")] * bool(cfg.on_policy)
-        students.update({f"{name}-onpolicy{on_policy:g}": {"method": m, "alpha": cfg.alpha, "on_policy": on_policy}
-                         for name, m in on_policy_methods})
-    if topk:
-        students[f"delta-a{cfg.alpha:g}-top{topk}"] = {"method": "delta", "alpha": cfg.alpha, "topk": topk,
-                                                        "targets_dtype": "float32",
-                                                        "targets_dir": os.path.join(root, "targets")}
-    if cfg.full_comparison:  # from the SFT student, as its authors start it (README)
-        students["minillm"] = {"method": "minillm", "max_steps": DEMO.minillm_steps,
-                               "lr": DEMO.distill["lr"] * METHODS["minillm"].lr / Config.lr,  # LMOps: half its SFT's
-                               "student": checkpoint_dir(os.path.join(root, "student-sft"), DEMO.distill["max_steps"])}
-    stages = [("raw-teacher", dict(student=raw_teacher, eval_only=True)),  # what finetuning and distillation start from
-              ("raw-student", dict(student=raw_student, eval_only=True)),
-              ("teacher-ft", dict(student=raw_teacher, train_data=task_teacher, **DEMO.finetune)),
-              # how much the teacher knows beyond the labels of the students' problems, and of its own (teacher-forced)
-              ("teacher-ft-own", dict(student=teacher_ft, eval_only=True, eval_data=task_teacher,
-                                      eval_max_new_tokens=0)),
-              ("teacher-ft-distill", dict(student=teacher_ft, eval_only=True, eval_data=task_distill,
-                                          eval_max_new_tokens=0))]
-    stages += [(f"student-{name}", {"student": raw_student, "teacher_ft": teacher_ft, "teacher_raw": raw_teacher,
-                                    "train_data": task_distill, **DEMO.distill, **kw}) for name, kw in students.items()]
-    for name, kw in stages:
-        t0 = time.time()
-        scores = demo_stage(cfg, os.path.join(root, name), seed=seed, tokenizer=os.path.join(raw, "tokenizer.json"),
-                            **{"eval_data": task_eval, **kw})
-        results.setdefault(name, {})[seed] = scores
-        print(f"  seed {seed} {name:<22} {time.time() - t0:5.1f}s  " +
-              " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "entropy", "distinct") if k in scores))
-
-
-def demo_stage(cfg, out_dir, **overrides):
-    """One stage: train() at the demo's settings into a fresh out_dir; returns its scores."""
-    stage = Config(**{**dataclasses.asdict(cfg), "out_dir": out_dir, "quiet": True, "eval_size": 0,
-                      "max_len": DEMO.max_len, "eval_max_new_tokens": DEMO.eval_max_new_tokens,
-                      "eval_temperature": DEMO.eval_temperature, "eval_seeds": DEMO.eval_seeds,
-                      "eval_batch_size": DEMO.eval_size, "seqkd_max_new_tokens": DEMO.eval_max_new_tokens,
-                      "on_policy": 0.0, "on_policy_max_new_tokens": DEMO.eval_max_new_tokens,
-                      "teacher_dtype": "float32", "keep_last": 1, "resume": False, "method": "sft", **overrides})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    scores = train(stage)
-    if not stage.eval_only and checkpoint_dir(out_dir, stage.max_steps) not in checkpoints(out_dir):
-        # a SIGTERM / SIGUSR1 checkpointed the stage before its last step: the demo stops with it
-        raise SystemExit(f"demo: stage {out_dir} stopped by a signal; `python deltakd.py` starts the demo again")
-    return scores
-
-
-def trivial_baselines(train_rows, eval_rows):
-    """What ROUGE gives for nothing: the most frequent training answer for every prompt, and the training
-    answer of the most similar training prompt (most shared words)."""
-    answers = [r["messages"][1]["content"] for r in train_rows]
-    words = [set(r["messages"][0]["content"].lower().split()) for r in train_rows]
-    nearest = []
-    for r in eval_rows:
-        w = set(r["messages"][0]["content"].lower().split())
-        nearest.append(answers[max(range(len(words)), key=lambda i: len(w & words[i]))])
-    count = collections.Counter(answers)
-    common = max(count, key=lambda a: (count[a], a))
-    return {"most frequent answer": [common] * len(eval_rows), "nearest training answer": nearest}
-
-
-def demo_label(name):
-    # a stage's row label: "student-delta-a0.5-top16" -> "Delta-KD (α=0.5, stored top-16)", "-onpolicy1" -> "on-policy p=1"
-    name, on_policy, p = name.partition("-onpolicy")
-    if name.startswith("student-delta-"):
-        label = "Delta-KD (" + name.removeprefix("student-delta-").replace("a", "α=", 1).replace("-top", ", stored top-")
-        return label + (f", on-policy p={p}" if on_policy else "") + ")"
-    label = DEMO_NAMES.get(name) or name[:1].upper() + name[1:]  # a baseline's name is its label
-    return label + (f" (on-policy p={p})" if on_policy else "")
-
-
-def demo_table(results):
-    # mean (± std over seeds where there are several) of every figure, one row per stage
-    cols = [("ROUGE-1", "rouge1", "{:.4f}"), ("ROUGE-2", "rouge2", "{:.4f}"), ("ROUGE-L", "rougeL", "{:.4f}"),
-            ("sampled ROUGE-L", "sampled_rougeL", "{:.4f}"), ("NLL", "nll", "{:.3f}"), ("entropy", "entropy", "{:.3f}"),
-            ("KL(teacher ‖ model)", "kl_teacher", "{:.3f}"), ("top-1 = teacher", "top1_teacher", "{:.1%}"),
-            ("distinct", "distinct", "{:.0%}"), ("repeated 4-grams", "repeated_4grams", "{:.0%}"),
-            ("sound", "sound", "{:.0%}"), ("words", "words", "{:.1f}")]
-    lines = ["| Method | " + " | ".join(c for c, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, by_seed in results.items():
-        cells = []
-        for _, key, fmt in cols:
-            vals = [s[key] for s in by_seed.values() if key in s]
-            cell = fmt.format(statistics.mean(vals)) if vals else "–"
-            if len(vals) > 1:
-                cell += " ± " + re.sub(r"^0(?=\.)", "", fmt.format(statistics.stdev(vals)))  # 0.0123 -> .0123
-            cells.append(cell)
-        lines.append(f"| {demo_label(name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv):
     cfg = parse_args(argv)
-    if cfg.eval_only and not cfg.student:
-        raise SystemExit("--eval_only scores a given model: pass --student=DIR and --eval_data=FILE")
-    if not cfg.student and not cfg.dry_run and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise SystemExit("the demo (no --student) runs in one process; under torchrun every rank would rebuild "
-                         "the same directories. Run `python deltakd.py`, or pass --student=... to train")
+    if not cfg.student:
+        raise SystemExit("--student=DIR is the model to train (or, with --eval_only, to score); the demo, which "
+                         "needs no flag: python assets/demo/demo.py")
     try:
         if cfg.dry_run:
             dry_run(cfg)
-        elif cfg.student:
-            train(cfg)
         else:
-            with OutDirLock(cfg.out_dir):
-                demo(cfg)
+            train(cfg)
     except (OSError, data.DataError, qwen.CheckpointError) as e:  # bad files, rows, checkpoints: one line
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # outside the training loop (Preemption), or a second Ctrl-C inside it

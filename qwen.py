@@ -568,6 +568,20 @@ def replace_dir(src, dst):
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
+
+def remove_leftovers(parent, names):
+    """What a kill inside atomic_dir left in parent among the directories matching names (a glob): an old one
+    that replace_dir had moved aside goes back in place if nothing replaced it; the temporary ones are removed.
+    Returns how many were removed and their bytes."""
+    for old in glob.glob(os.path.join(parent, names + ".old")):
+        if not os.path.exists(old[:-4]):
+            os.rename(old, old[:-4])
+    leftovers = glob.glob(os.path.join(parent, f".tmp-{names}-*")) + glob.glob(os.path.join(parent, names + ".old"))
+    size = sum(os.path.getsize(os.path.join(r, f)) for d in leftovers for r, _, fs in os.walk(d) for f in fs)
+    for d in leftovers:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(leftovers), size
+
 # -----------------------------------------------------------------------------
 # initialisation and counting: parameters, model FLOPs, activation memory
 

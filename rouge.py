@@ -1,5 +1,6 @@
 """
-ROUGE-N / ROUGE-L / ROUGE-Lsum, equal bit for bit to Google's `rouge-score` 0.1.2, standard library only.
+ROUGE-N / ROUGE-L / ROUGE-Lsum, equal bit for bit to Google's `rouge-score` 0.1.2, standard library only; and
+answer_sanity, what ROUGE cannot see (distinct, looping and sound answers).
 
     from rouge import RougeScorer
     RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True).score(target, prediction)
@@ -306,6 +307,21 @@ def corpus_score(references, predictions, rouge_types=("rouge1", "rouge2", "roug
     per = [scorer.score(r, p) for r, p in zip(references, predictions)]
     N = len(per)
     return {rt: Score(*(sum(s[rt][k] for s in per) / N for k in range(3))) for rt in rouge_types}
+
+
+def answer_sanity(preds):
+    """What ROUGE cannot see: the share of distinct answers; the mean share of each answer's word 4-grams
+    that repeat an earlier 4-gram of the same answer (a looping answer scores near 1); the share of sound
+    answers (given to no other prompt and repeating no 4-gram at all); the mean length in words."""
+    def repeated(words):
+        grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+        return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    words = [p.split() for p in preds]
+    rep = [repeated(w) for w in words]
+    n, count = max(len(preds), 1), collections.Counter(preds)
+    sound = sum(count[p] == 1 and r == 0 for p, r in zip(preds, rep))
+    return {"distinct": len(count) / n, "repeated_4grams": sum(rep) / n, "sound": sound / n,
+            "words": sum(map(len, words)) / n}
 
 # -----------------------------------------------------------------------------
 # command line

@@ -7,10 +7,10 @@ its weights; checksums in assets/SHA256SUMS).
 
     python assets/demo/pretrain.py my-raw                 # seeds 1337-1339, whichever my-raw lacks: 7-8 min a seed on 2 cores
     python assets/demo/pretrain.py my-raw --seeds=1337
-    python deltakd.py --demo_raw_models=my-raw            # the demo on them
+    python assets/demo/demo.py --demo_raw_models=my-raw   # the demo on them
 
 Pretraining is no part of the method, so it stays out of the demo's minutes, as a download of Qwen
-stays out of a real run's. Every stage is deltakd's own train() loop, as the demo's are.
+stays out of a real run's. Every stage is deltakd's own train() loop, as the demo's are (demo.demo_stage).
 """
 
 import dataclasses
@@ -21,19 +21,21 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "..")]  # demo.py beside it, deltakd.py at the top
 
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 import data  # noqa: E402
 import deltakd  # noqa: E402
+import demo  # noqa: E402
 import qwen  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainSettings:
-    chat_data: str = os.path.join(deltakd.HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl")
+    chat_data: str = os.path.join(demo.ROOT, "assets/data/ultrachat_200k/ultrachat_small.jsonl")
     vocab_size: int = 4096
     # a real base model can copy from its context (induction heads), a skill web-scale text teaches and a few
     # thousand steps of plain text do not: so each text passage is written twice, the quick route to it
@@ -56,7 +58,7 @@ def pretrain(root, seeds, settings=PRETRAIN):
     tok_path = os.path.join(root, "tokenizer.json")
     have_tokenizer = os.path.isfile(tok_path)  # a new tokenizer: the seeds asked for are pretrained anew on its ids
     todo = [(seed, role) for seed in seeds for role in ("teacher", "student")
-            if not have_tokenizer or not os.path.isfile(os.path.join(deltakd.demo_raw_model(root, seed, role),
+            if not have_tokenizer or not os.path.isfile(os.path.join(demo.demo_raw_model(root, seed, role),
                                                                       "config.json"))]
     if not todo:
         return
@@ -83,14 +85,14 @@ def pretrain(root, seeds, settings=PRETRAIN):
             f.writelines(json.dumps(r) + "\n" for r in docs + chats)
         for seed, role in todo:
             t0, out = time.time(), os.path.join(work, f"seed{seed}-raw-{role}")
-            config = qwen.QwenConfig(vocab_size=vocab, max_position_embeddings=deltakd.DEMO.max_len,
+            config = qwen.QwenConfig(vocab_size=vocab, max_position_embeddings=demo.DEMO.max_len,
                                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, torch_dtype="float32",
                                      **getattr(settings, role))
             init_seed = seed if role == "teacher" else seed + 1
             qwen.init_weights(qwen.Qwen(config), seed=init_seed).save_pretrained(out + "-init")
-            deltakd.demo_stage(deltakd.Config(out_dir=work), out, seed=seed, tokenizer=tok_path,
+            demo.demo_stage(deltakd.Config(out_dir=work), out, seed=seed, tokenizer=tok_path,
                                student=out + "-init", train_data=corpus, **settings.steps)
-            dst = deltakd.demo_raw_model(root, seed, role)
+            dst = demo.demo_raw_model(root, seed, role)
             with qwen.atomic_dir(dst) as tmp:  # stored like a downloaded base model: bfloat16, with its tokenizer
                 qwen.Qwen.from_pretrained(deltakd.checkpoints(out)[-1], dtype=torch.bfloat16).save_pretrained(tmp)
                 shutil.copy(tok_path, tmp)
