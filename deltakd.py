@@ -83,6 +83,11 @@ class Config:
     reward_gamma: float = 0.95  # discount of the reward-to-go
     reward_scaling: float = 0.5  # r_t = clip((log p - log q_theta) / scaling, +-reward_clip)
     reward_clip: float = 100.0
+    # MiniLLM's language-modelling term (LMOps' --lm-data-dir): a pretraining micro-batch beside each rollout
+    # micro-batch at every update, its loss lm_coef * [(1 - kd_ratio) cross-entropy + kd_ratio KL(pi_t^ft || student)]
+    pretrain_data: str = ""     # plain text or chat rows, as --train_data; empty: no such term (LMOps' *_no_pt scripts)
+    lm_coef: float = 1.0
+    kd_ratio: float = 0.5       # LMOps' scripts' value
     seqkd_max_new_tokens: int = 256  # SeqKD: the longest teacher answer
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
     targets_dir: str = ""       # empty: frozen models run live at every step
@@ -145,12 +150,13 @@ METHODS = {
     "rkl": Method(forced={"divergence": "rkl"}),
     "delta": Method(shift=True),  # --divergence: fkl (the paper's) or rkl
     "seqkd": Method(forced={"divergence": None, "lam": 1.0}, generator="teacher_ft"),
-    # LMOps' MiniLLM without its optional language-modelling term on a pretraining corpus (docs/minillm.md);
-    # its samples have no labels (lam 0), and its weights, rewards and KL are at temperature 1
+    # LMOps' MiniLLM (docs/minillm.md), its language-modelling term with --pretrain_data; its samples have no
+    # labels (lam 0), and its weights, rewards and KL are at temperature 1
     "minillm": Method(forced={"divergence": "rkl", "lam": 0.0, "on_policy": 1.0, "temperature": 1.0,
                               "on_policy_temperature": 1.0}, policy_gradient=True, lr=5e-6),
 }
-MINILLM_KEYS = ("ppo_epochs", "ppo_clip", "teacher_mix", "reward_gamma", "reward_scaling", "reward_clip")
+MINILLM_KEYS = ("ppo_epochs", "ppo_clip", "teacher_mix", "reward_gamma", "reward_scaling", "reward_clip",
+                "pretrain_data", "lm_coef", "kd_ratio")
 
 
 def resolve(cfg, given):
@@ -176,6 +182,7 @@ def resolve(cfg, given):
              (lambda: not cfg.on_policy, {"on_policy_temperature": None, "on_policy_max_new_tokens": None},
               "it goes with --on_policy > 0"),
              (lambda: not method.policy_gradient, dict.fromkeys(MINILLM_KEYS), "it goes with --method=minillm"),
+             (lambda: not cfg.pretrain_data, {"lm_coef": None, "kd_ratio": None}, "it goes with --pretrain_data"),
              (lambda: not method.generator, {"seqkd_max_new_tokens": None}, "it goes with --method=seqkd"),
              (lambda: not cfg.targets_dir, {"topk": None, "targets_dtype": None, "targets_shard": None,
                                             "targets_only": False}, "it goes with --targets_dir"),
@@ -195,10 +202,11 @@ FLAG_RANGES = [
     (("batch_size", "grad_accum", "epochs", "topk", "targets_shard", "chunk_size", "eval_batch_size", "eval_seeds",
       "seqkd_max_new_tokens", "on_policy_max_new_tokens", "ppo_epochs"), lambda v: v >= 1, ">= 1"),
     (("max_rows", "eval_size", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "alpha", "eval_every",
-      "eval_max_new_tokens", "eval_temperature", "save_every", "keep_last", "peak_tflops", "on_policy_temperature"),
+      "eval_max_new_tokens", "eval_temperature", "save_every", "keep_last", "peak_tflops", "on_policy_temperature",
+      "lm_coef"),
      lambda v: v >= 0, ">= 0"),
     (("lr", "temperature", "ppo_clip", "reward_scaling", "reward_clip"), lambda v: v > 0, "> 0"),
-    (("lam", "min_lr_ratio", "on_policy", "reward_gamma"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("lam", "min_lr_ratio", "on_policy", "reward_gamma", "kd_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("beta1", "beta2", "teacher_mix"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_len",), lambda v: v >= 2, ">= 2 (a prompt token and a supervised one)"),
 ]
@@ -725,7 +733,7 @@ def check_inputs(cfg):
             raise SystemExit(f"--{role}={path}: no config.json there (not an HF model directory)")
     if cfg.eval_only and not cfg.eval_data:
         raise SystemExit("--eval_only needs --eval_data (the held-out file to score --student on)")
-    for key in ("train_data", "eval_data"):
+    for key in ("train_data", "eval_data", "pretrain_data"):
         path = getattr(cfg, key)
         if (path or (key == "train_data" and not cfg.eval_only)) and not os.path.isfile(path):
             raise SystemExit(f"--{key}={path}: no such file")
@@ -972,8 +980,9 @@ RUN_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", 
             "eval_size", "max_len", "system_prompt", "skip_bad_rows", "method", "divergence", "lam", "alpha",
             "temperature", "topk", "targets_dtype", "teacher_dtype", "autocast", "batch_size", "seed", "on_policy",
             "on_policy_temperature", "on_policy_max_new_tokens", "seqkd_max_new_tokens") + MINILLM_KEYS
-RUN_FACTS = ("micro_batches_per_step", "train_data_content")  # the rest of run_identity
-PATH_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data")
+RUN_FACTS = ("micro_batches_per_step", "train_data_content", "pretrain_data_content")  # the rest of run_identity
+PATH_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data",
+             "pretrain_data")
 # the schedule may change on resume (e.g. a finished run continued to a larger max_steps); the run says so
 SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                  "grad_clip")
@@ -981,14 +990,15 @@ SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "w
 
 def run_identity(run):
     """RUN_KEYS' values (the directories of the models it reads, absolute: a path relative or absolute is the same),
-    the step's geometry (micro-batches of all ranks) and the training data's bytes (data.file_identity without its
-    mtime: a copy is the same data)."""
+    the step's geometry (micro-batches of all ranks) and the bytes of the data it trains on (data.file_identity
+    without its mtime: a copy is the same data)."""
     cfg = run.cfg
-    paths = {**model_dirs(cfg), "tokenizer": run.tokenizer_path, "train_data": cfg.train_data, "eval_data": cfg.eval_data}
+    paths = {**model_dirs(cfg), "tokenizer": run.tokenizer_path, **{k: getattr(cfg, k) for k in PATH_KEYS[-3:]}}
     values = {k: (os.path.abspath(paths[k]) if paths.get(k) else None) if k in PATH_KEYS else getattr(cfg, k)
               for k in RUN_KEYS}
-    content = {k: v for k, v in data.file_identity(cfg.train_data).items() if k != "mtime_ns"}
-    return {**values, "micro_batches_per_step": run.world * cfg.grad_accum, "train_data_content": content}
+    content = {f"{k}_content": {f: v for f, v in data.file_identity(getattr(cfg, k)).items() if f != "mtime_ns"}
+               if getattr(cfg, k) else None for k in ("train_data", "pretrain_data")}
+    return {**values, "micro_batches_per_step": run.world * cfg.grad_accum, **content}
 
 
 def resume_point(run):
@@ -1369,27 +1379,79 @@ def kd_step(run, student, source, micro, step):
     return {**step_record(run, micro, sums, n_tokens, grad_norm), **sampling}
 
 
-def minillm_step(run, student, source, micro, step):
+def pretraining_data(run):
+    # MiniLLM's Pretraining (None without --pretrain_data): tokenized once, as the training data; ordered from the seed
+    cfg = run.cfg
+    if not cfg.pretrain_data:
+        return None
+    cache = token_cache(run, cfg.pretrain_data)
+    try:
+        return Pretraining(cache, data.Batches(cache.lengths, cfg.batch_size, cfg.seed, run.world * cfg.grad_accum))
+    except data.DataError as e:
+        raise data.DataError(f"--pretrain_data={cfg.pretrain_data}: {e}") from None
+
+
+class Pretraining(NamedTuple):
+    """MiniLLM's pretraining data (--pretrain_data): its token cache and its order, one Batches step per PPO pass,
+    so that a pass reads a micro-batch beside each rollout micro-batch and a resumed run reads what it would have."""
+    cache: data.TokenCache
+    batches: data.Batches
+
+    def of_pass(self, run, step, k):
+        # this rank's pretraining micro-batches of PPO pass k of the step, on the device
+        ex = self.batches.at(step * run.cfg.ppo_epochs + k, run.rank, run.world)
+        return [batch.to(run.device) for batch in micro_batches(run, self.cache, ex)]
+
+
+def pretraining_gradients(run, student, source, micro):
+    """MiniLLM's language-modelling term on this rank's pretraining micro-batches, as LMOps computes it: lm_coef *
+    [(1 - kd_ratio) cross-entropy + kd_ratio KL(pi_t^ft || student)] at tau = 1, each micro-batch's mean over its
+    own tokens, averaged over the micro-batches of all ranks (LMOps' loss is a per-micro-batch mean that DeepSpeed
+    averages; its KD part is the cross-entropy to the teacher, larger by the teacher's entropy, of the same
+    gradient). Accumulates its gradients (DDP syncs them with the rollouts' last backward); returns that mean."""
+    cfg = run.cfg
+    spec = dataclasses.replace(run.spec, lam=1 - cfg.kd_ratio, divergence="fkl", alpha=None, temperature=1.0)
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    for batch in micro:
+        with student.ddp.no_sync() if dist.is_initialized() else contextlib.nullcontext():
+            with autocast(run.device, cfg.autocast):
+                h = student.ddp(batch.input_ids, return_hidden=True)
+            loss, _, _, n = distill_loss(h, student.model.lm_head.weight, batch.labels, source.of(batch, cfg.autocast),
+                                         spec)
+            (loss * (cfg.lm_coef / (n * len(micro)))).backward()
+        total += loss.detach().double() / n
+    return all_reduce(total).item() / (len(micro) * run.world)
+
+
+def minillm_step(run, student, source, micro, step, pretraining=None):
     """MiniLLM's step, one rollout batch: every micro-batch answered by the student with its teacher mixed into
     the sampling, the samples scored once (minillm_rollouts), then --ppo_epochs optimizer updates on them at the
-    step's lr. Its record holds the passes' mean sums, the last pass's grad norm and the rollout's mean reward."""
+    step's lr, each with the language-modelling term on a fresh pretraining micro-batch per rollout micro-batch
+    (pretraining: a Pretraining). Its record holds the passes' mean sums and pt_loss, the last pass's grad norm
+    and the rollout's mean reward."""
     teacher = uncompiled(source.frozen["teacher_ft"])
     micro, sampling = sample_answers(run, student.model, micro, step, (teacher, run.cfg.teacher_mix))
     n_tokens = supervised_tokens(run, micro)
     micro = [batch.to(run.device) for batch in micro]
     rollouts, reward = minillm_rollouts(run, student, source, micro)
-    sums = torch.zeros(3, dtype=torch.float64, device=run.device)
-    for _ in range(run.cfg.ppo_epochs):
+    sums, pt_loss, pt_lengths, epochs = torch.zeros(3, dtype=torch.float64, device=run.device), 0.0, [], run.cfg.ppo_epochs
+    for k in range(epochs):
+        if pretraining:
+            pt_micro = pretraining.of_pass(run, step, k)
+            pt_loss += pretraining_gradients(run, student, source, pt_micro) / epochs
+            pt_lengths += [T for b in pt_micro for T in b.lengths.tolist()]
         pass_sums = accumulate_gradients(run, student, micro, [r.teacher_states for r in rollouts], n_tokens,
                                          [r.ppo for r in rollouts])
         grad_norm = optimizer_step(run, student, step, pass_sums)
-        sums += pass_sums / run.cfg.ppo_epochs
-    return {**step_record(run, micro, sums, n_tokens, grad_norm), **sampling, "reward": reward}
+        sums += pass_sums / epochs
+    rec = {**step_record(run, micro, sums, n_tokens, grad_norm, pt_lengths), **sampling, "reward": reward}
+    return {**rec, "pt_loss": pt_loss} if pretraining else rec
 
 
-def step_record(run, micro, sums, n_tokens, grad_norm):
+def step_record(run, micro, sums, n_tokens, grad_norm, pretraining_lengths=()):
     # the step's loss terms per supervised token and grad norm, with the input tokens and model FLOPs of all ranks
     flops = sum(sequence_flops(run.cfg, run.configs, T, b.sampled) for b in micro for T in b.lengths.tolist())
+    flops += sum(sequence_flops(run.cfg, run.configs, T, False, pretraining=True) for T in pretraining_lengths)
     tokens, flops = all_reduce(torch.tensor([sum(b.input_ids.numel() for b in micro), flops],
                                             dtype=torch.float64, device=run.device)).tolist()
     loss, sft, kd = sums.tolist()
@@ -1397,13 +1459,16 @@ def step_record(run, micro, sums, n_tokens, grad_norm):
             "supervised_tokens": n_tokens}
 
 
-def sequence_flops(cfg, configs, T, sampled):
+def sequence_flops(cfg, configs, T, sampled, pretraining=False):
     """Model FLOPs a step spends on one sequence of T tokens: the one formula of the log's MFU and the dry run
     (configs {role: QwenConfig}). The student trains on it (once per PPO pass) and runs forward over it where it
     sampled it (sampled: 0/1, or the --on_policy share); each live frozen model runs forward. MiniLLM runs both once
-    more: its teacher decodes beside the sampling, and the student scores its rollout."""
+    more: its teacher decodes beside the sampling, and the student scores its rollout. A sequence of MiniLLM's
+    pretraining data (pretraining) is trained on once, its teacher running forward over it."""
     minillm, student = METHODS[cfg.method].policy_gradient, configs["student"]
     live = () if cfg.targets_dir else target_weights(cfg.divergence, cfg.alpha)
+    if pretraining:
+        return T * (qwen.flops_per_token(student, T, train=True) + qwen.flops_per_token(configs["teacher_ft"], T, train=False))
     return T * ((cfg.ppo_epochs if minillm else 1) * qwen.flops_per_token(student, T, train=True)
                 + sampled * (1 + minillm) * qwen.flops_per_token(student, T, train=False)
                 + (1 + minillm) * sum(qwen.flops_per_token(configs[r], T, train=False) for r in live))
@@ -1452,6 +1517,7 @@ class Log:
                 extra = f" (mean {rec['sampled_length']:.0f} tokens, {rec['sampled_tokens_per_s']:.0f} tok/s)"
             extra = f"sampled {rec['sampled']:.0%}{extra} | " if "sampled" in rec else ""
             extra += f"reward {rec['reward']:.3f} | " if "reward" in rec else ""  # MiniLLM's mean r_t
+            extra += f"pt_loss {rec['pt_loss']:.3f} | " if "pt_loss" in rec else ""  # and its language-modelling term
             print(f"step {step}/{total} | loss {rec['loss']:.4f} (sft {rec['sft']:.4f} kd {rec['kd']:.4f}) | lr "
                   f"{rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {extra}{rec['tokens_per_s']:.0f} tok/s | {mfu} | "
                   f"eta {eta:.0f}s")
@@ -1530,7 +1596,9 @@ def train(cfg):
         log = Log(run)
         log.continue_from(step)
         evaluation = Evaluation(run, evalset, source.frozen, log)
-        one_step = minillm_step if METHODS[cfg.method].policy_gradient else kd_step
+        one_step = kd_step
+        if METHODS[cfg.method].policy_gradient:
+            one_step = functools.partial(minillm_step, pretraining=pretraining_data(run))
         student.model.train()
         with Preemption() as preemption:
             while step < total:
@@ -1614,6 +1682,8 @@ def dry_run(cfg):
     rows = memory_plan(cfg, configs, world)
     T, s = cfg.max_len, configs["student"]
     flops = world * cfg.grad_accum * cfg.batch_size * sequence_flops(cfg, configs, T, cfg.on_policy)
+    if cfg.pretrain_data:  # MiniLLM's pretraining micro-batch beside each rollout micro-batch, at every PPO pass
+        flops += world * cfg.grad_accum * cfg.batch_size * cfg.ppo_epochs * sequence_flops(cfg, configs, T, 0, True)
     other = qwen.activation_bytes(s, cfg.batch_size * T, activation_dtype_bytes(cfg), not cfg.grad_checkpointing)
     print(f"memory plan per GPU (world size {world}, --method={cfg.method}"
           f"{', stored targets' if cfg.targets_dir else ''}):")

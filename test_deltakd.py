@@ -1386,6 +1386,8 @@ def run_dir(tmp_path_factory):
     rows = data.read_rows(GSM8K)[:56]
     with open(root / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(root / "pretrain.jsonl", "w") as f:  # MiniLLM's pretraining data: plain text and chats, other rows
+        f.writelines(json.dumps({"text": r["question"]} if i % 2 else r) + "\n" for i, r in enumerate(data.read_rows(GSM8K)[56:90]))
     return root
 
 
@@ -2358,11 +2360,20 @@ def test_minillm_flags_are_refused_where_they_cannot_work(run_dir, tmp_path):
                        (["--method=minillm", "--reward_scaling=0"], "--reward_scaling=0.0: must be > 0"),
                        (["--method=minillm", "--reward_gamma=1.5"], "--reward_gamma=1.5: must be in [0, 1]"),
                        (["--method=minillm", "--targets_dir=t"], "--targets_dir=t has no effect: the samples "
-                                                                  "change at every step, so no stored target can score them")]:
+                                                                  "change at every step, so no stored target can score them"),
+                       (["--method=fkl", "--pretrain_data=p"], "--pretrain_data=p has no effect: it goes with "
+                                                               "--method=minillm"),
+                       (["--method=minillm", "--kd_ratio=0.3"], "--kd_ratio=0.3 has no effect: it goes with "
+                                                                "--pretrain_data"),
+                       (["--method=minillm", "--pretrain_data=p", "--kd_ratio=2"], "--kd_ratio=2.0: must be in [0, 1]"),
+                       (["--method=minillm", "--pretrain_data=p", "--lm_coef=-1"], "--lm_coef=-1.0: must be >= 0")]:
         with pytest.raises(SystemExit, match=re.escape(text)):
             deltakd.parse_args(argv)
     cfg = deltakd.parse_args(["--method=minillm", "--ppo_epochs=2", "--teacher_mix=0", "--on_policy_max_new_tokens=64"])
     assert (cfg.ppo_epochs, cfg.teacher_mix, cfg.on_policy, cfg.lam, cfg.divergence) == (2, 0.0, 1.0, 0.0, "rkl")
+    assert (cfg.pretrain_data, cfg.lm_coef, cfg.kd_ratio) == ("", None, None)  # no pretraining data: no such term
+    cfg = deltakd.parse_args(["--method=minillm", "--pretrain_data=p"])
+    assert (cfg.lm_coef, cfg.kd_ratio) == (1.0, 0.5)  # LMOps' lm_coef and its scripts' kd_ratio
     # LMOps' lr is MiniLLM's default (the METHODS row), a given --lr wins, and the other methods keep theirs
     assert cfg.lr == 5e-6 and deltakd.parse_args(["--method=minillm", "--lr=2e-5"]).lr == 2e-5
     assert deltakd.parse_args(["--method=fkl"]).lr == deltakd.Config.lr == 1e-5
@@ -2491,9 +2502,41 @@ def test_minillm_step_makes_ppo_epochs_updates_on_one_rollout_whose_first_ratio_
     assert math.isclose(rec["flops"], want, rel_tol=1e-12) and rec["sft"] == 0
 
 
+def test_minillm_pretraining_term_equals_a_float64_reference_and_reads_a_fresh_batch_each_pass(run_dir, tmp_path):
+    # LMOps' pt_loss, written out: lm_coef * mean over the pass's micro-batches of [(1 - kd_ratio) CE + kd_ratio
+    # KL(teacher || student)], each a mean over its own tokens, with its gradient, in float64 through transformers
+    lm_coef, kd_ratio, V = 0.7, 0.3, 151665
+    run, source, student, _ = minillm_run(run_dir, tmp_path / "out", pretrain_data=run_dir / "pretrain.jsonl",
+                                          lm_coef=lm_coef, kd_ratio=kd_ratio)
+    pretraining = deltakd.pretraining_data(run)
+    passes = [pretraining.of_pass(run, s, k) for s in range(2) for k in range(run.cfg.ppo_epochs)]
+    seen = [tuple(b.input_ids.flatten().tolist()) for micro in passes for b in micro]
+    assert len(passes[0]) == 2 and len(set(seen)) == len(seen)  # one per rollout micro-batch, a fresh one each pass
+    micro = passes[0]
+    got = deltakd.pretraining_gradients(run, student, source, micro)
+    models = {r: hf_float64(run_dir / r) for r in ("student", "teacher_ft")}
+    losses = []
+    for b in micro:
+        mask = b.labels[:, 1:] != -100
+        z = {r: m(input_ids=b.input_ids).logits[:, :-1][mask][:, :V] for r, m in models.items()}
+        p, logq = torch.softmax(z["teacher_ft"].detach(), -1), torch.log_softmax(z["student"], -1)
+        ce = -logq.gather(1, b.labels[:, 1:][mask][:, None]).mean()
+        kl = (p * (p.log() - logq)).sum(-1).mean()
+        losses.append((1 - kd_ratio) * ce + kd_ratio * kl)
+    want = sum(losses) / len(losses)
+    (lm_coef * want).backward()
+    assert math.isclose(got, want.item(), rel_tol=1e-5)
+    hf = dict(models["student"].named_parameters())
+    for name, param in student.model.named_parameters():
+        ref = hf[name].grad[:V] if "embed" in name else hf[name].grad
+        g = param.grad[:V] if "embed" in name else param.grad
+        assert torch.allclose(g.double(), ref, rtol=1e-4, atol=1e-7), name
+
+
 def test_minillm_run_logs_its_reward_and_resumes_bit_exactly(run_dir, tmp_path):
+    # with LMOps' language-modelling term (--pretrain_data): its batches too follow the step
     common = dict(method="minillm", on_policy_max_new_tokens=6, grad_accum=2, max_steps=4, save_every=2, keep_last=10,
-                  eval_size=4, cache_dir=tmp_path / "cache")
+                  eval_size=4, cache_dir=tmp_path / "cache", pretrain_data=run_dir / "pretrain.jsonl")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     scores = deltakd.train(deltakd.parse_args(args(run_dir, straight, **common)))
     assert {"rougeL", "nll", "entropy", "kl_teacher"} <= set(scores)
@@ -2504,7 +2547,9 @@ def test_minillm_run_logs_its_reward_and_resumes_bit_exactly(run_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     recs = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl") if '"loss"' in x]  # noqa: E731
     assert [(r["loss"], r["reward"]) for r in recs(straight)][2:] == [(r["loss"], r["reward"]) for r in recs(resumed)]
-    assert all(r["sampled"] == 1.0 and r["sft"] == 0 and math.isfinite(r["reward"]) for r in recs(straight))
+    assert [r["pt_loss"] for r in recs(straight)][2:] == [r["pt_loss"] for r in recs(resumed)]
+    assert all(r["sampled"] == 1.0 and r["sft"] == 0 and math.isfinite(r["reward"]) and r["pt_loss"] > 0
+               for r in recs(straight))
     assert len({r["reward"] for r in recs(straight)}) == 4  # a new rollout at every step
     # MiniLLM's keys are part of the run a resume continues
     with pytest.raises(SystemExit, match=re.escape("ppo_clip (0.2 -> 0.3)") + ".*--resume_allow=ppo_clip"):
