@@ -993,7 +993,8 @@ def run_identity(run):
     the step's geometry (micro-batches of all ranks) and the bytes of the data it trains on (data.file_identity
     without its mtime: a copy is the same data)."""
     cfg = run.cfg
-    paths = {**model_dirs(cfg), "tokenizer": run.tokenizer_path, **{k: getattr(cfg, k) for k in PATH_KEYS[-3:]}}
+    paths = {**model_dirs(cfg), "tokenizer": run.tokenizer_path,
+             **{k: getattr(cfg, k) for k in ("train_data", "eval_data", "pretrain_data")}}
     values = {k: (os.path.abspath(paths[k]) if paths.get(k) else None) if k in PATH_KEYS else getattr(cfg, k)
               for k in RUN_KEYS}
     content = {f"{k}_content": {f: v for f, v in data.file_identity(getattr(cfg, k)).items() if f != "mtime_ns"}
@@ -1465,10 +1466,11 @@ def sequence_flops(cfg, configs, T, sampled, pretraining=False):
     sampled it (sampled: 0/1, or the --on_policy share); each live frozen model runs forward. MiniLLM runs both once
     more: its teacher decodes beside the sampling, and the student scores its rollout. A sequence of MiniLLM's
     pretraining data (pretraining) is trained on once, its teacher running forward over it."""
-    minillm, student = METHODS[cfg.method].policy_gradient, configs["student"]
-    live = () if cfg.targets_dir else target_weights(cfg.divergence, cfg.alpha)
+    student = configs["student"]
     if pretraining:
         return T * (qwen.flops_per_token(student, T, train=True) + qwen.flops_per_token(configs["teacher_ft"], T, train=False))
+    minillm = METHODS[cfg.method].policy_gradient
+    live = () if cfg.targets_dir else target_weights(cfg.divergence, cfg.alpha)
     return T * ((cfg.ppo_epochs if minillm else 1) * qwen.flops_per_token(student, T, train=True)
                 + sampled * (1 + minillm) * qwen.flops_per_token(student, T, train=False)
                 + (1 + minillm) * sum(qwen.flops_per_token(configs[r], T, train=False) for r in live))
