@@ -301,15 +301,22 @@ def load_tokenizer(path, model_dirs):
     model_dirs ({role: directory}) has another vocabulary: every model must share one."""
     if not os.path.isfile(path):
         raise SystemExit(f"no tokenizer: {path} does not exist (pass --tokenizer=.../tokenizer.json)")
-    tokenizer = Tokenizer.from_file(path)
+    tokenizer = read_tokenizer(path)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     for role, directory in model_dirs.items():
         other = os.path.join(directory, "tokenizer.json")
         if os.path.isfile(other) and os.path.abspath(other) != os.path.abspath(path):
-            if Tokenizer.from_file(other).get_vocab(with_added_tokens=True) != vocab:
+            if read_tokenizer(other).get_vocab(with_added_tokens=True) != vocab:
                 raise SystemExit(f"tokenizer mismatch: {other} (--{role}) differs from {path}; "
                                  "all models must share one tokenizer")
     return tokenizer
+
+
+def read_tokenizer(path):
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 -- the library's own error type for a file it cannot parse
+        raise SystemExit(f"{path}: not a tokenizer.json the tokenizers library reads ({first_line(e)})") from None
 
 
 def write_tokenizer_files(directory, tokenizer_path, system_prompt):

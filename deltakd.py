@@ -22,10 +22,12 @@ import dataclasses
 import errno
 import functools
 import glob
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -61,17 +63,17 @@ class Config:
     train_data: str = ""        # .jsonl / .json / .parquet (formats: see data.py)
     max_rows: int = 0           # use only the first max_rows rows of train_data (0: all)
     eval_data: str = ""         # held-out file; empty: hold out eval_size rows of train_data
-    eval_size: int = 64
+    eval_size: int = 64         # rows of train_data held out for evaluation when there is no eval_data
     max_len: int = 1024         # tokens per example, longer ones are truncated
-    system_prompt: str = data.SYSTEM_PROMPT_BASE
+    system_prompt: str = data.SYSTEM_PROMPT_BASE  # the system turn of every chat (Qwen2.5 base's default)
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
-    cache_dir: str = ""         # token caches (tokenized once, shared by runs on the same data); default out_dir/cache
+    cache_dir: str = ""         # token caches, shared by runs on the same data; default out_dir/cache (or targets_dir/)
     # method (METHODS fixes some of these per method; a setting the run does not read becomes None)
     method: str = "delta"       # sft | fkl | rkl | delta | seqkd | minillm (see METHODS)
     divergence: str = "fkl"     # delta: fkl = KL(pi* || pi_theta) (the paper), rkl = KL(pi_theta || pi*)
     lam: float = 0.5            # weight of the SFT term
     alpha: float = 1.0          # strength of the finetuning shift; 0: the raw models are not loaded
-    temperature: float = 1.0
+    temperature: float = 1.0    # tau of every distribution of the KD term (no tau^2 factor)
     # on-policy distillation: answers sampled from the student, scored by the frozen models live
     on_policy: float = 0.0      # share of micro-batches answered by the student's own samples (GKD's lmbda); 0: none
     on_policy_temperature: float = 1.0  # the student's sampling temperature, top_p 1 (0: greedy)
@@ -82,11 +84,11 @@ class Config:
     teacher_mix: float = 0.2    # each token is drawn from (1 - mix) q_theta + mix p_teacher
     reward_gamma: float = 0.95  # discount of the reward-to-go
     reward_scaling: float = 0.5  # r_t = clip((log p - log q_theta) / scaling, +-reward_clip)
-    reward_clip: float = 100.0
+    reward_clip: float = 100.0  # the bound of a reward r_t
     # MiniLLM's language-modelling term (LMOps' --lm-data-dir): a pretraining micro-batch beside each rollout
     # micro-batch at every update, its loss lm_coef * [(1 - kd_ratio) cross-entropy + kd_ratio KL(pi_t^ft || student)]
     pretrain_data: str = ""     # plain text or chat rows, as --train_data; empty: no such term (LMOps' *_no_pt scripts)
-    lm_coef: float = 1.0
+    lm_coef: float = 1.0        # weight of the language-modelling term
     kd_ratio: float = 0.5       # LMOps' scripts' value
     seqkd_max_new_tokens: int = 256  # SeqKD: the longest teacher answer
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
@@ -98,17 +100,17 @@ class Config:
     # optimisation
     batch_size: int = 4         # sequences per micro-batch per rank
     grad_accum: int = 1         # micro-batches per rank per optimizer step
-    epochs: int = 1
+    epochs: int = 1             # passes over train_data (where max_steps is 0)
     max_steps: int = 0          # 0: epochs * steps per epoch
-    lr: float = 1e-5
+    lr: float = 1e-5            # AdamW peak learning rate (a method may set its own default)
     min_lr_ratio: float = 0.1   # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 0       # linear warmup from 0, then cosine decay
+    weight_decay: float = 0.0   # AdamW, on matrices only
+    beta1: float = 0.9          # AdamW
+    beta2: float = 0.95         # AdamW
     grad_clip: float = 1.0      # 0 disables
     zero: bool = False          # shard AdamW state across ranks (ZeroRedundancyOptimizer)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
     compile: bool = False       # torch.compile the student, frozen models and loss chunk (lengths padded to x64)
     loss_impl: str = "chunked"  # chunked (memory-flat) | dense (full logits, for checking)
     chunk_size: int = 512       # supervised tokens per loss chunk: 3 (chunk, vocab) fp32 buffers for a KD term
@@ -119,15 +121,15 @@ class Config:
     eval_max_new_tokens: int = 256  # 0: the teacher-forced figures only, nothing generated
     eval_temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature, top_p 1 (MiniLLM / DistiLLM)
     eval_seeds: int = 1         # sampled answers per prompt (seeds seed, seed+1, ...); ROUGE is their mean
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16   # prompts generated together
     # run
-    out_dir: str = "out"
+    out_dir: str = "out"        # checkpoints, metrics.jsonl, evaluations (one run per out_dir)
     save_every: int = 0         # 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2          # checkpoints kept (older ones are pruned)
     resume: bool = False        # continue from the newest intact checkpoint in out_dir (the same run: RUN_KEYS)
     resume_allow: str = ""      # comma-separated RUN_KEYS a resumed run may change (e.g. a model that moved)
-    seed: int = 1337
-    device: str = "auto"
+    seed: int = 1337            # data order, sampling, initial RNG state
+    device: str = "auto"        # auto: cuda (rank LOCAL_RANK) if there is one, else cpu
     peak_tflops: float = 0.0    # per device, for MFU in the log; 0: 989 on H100/H200, 312 on A100 (bf16 dense), else none
     quiet: bool = False         # no per-step lines (metrics.jsonl is still written)
     dry_run: bool = False       # print the per-GPU memory plan and FLOPs per step from config.json alone, then exit
@@ -187,6 +189,8 @@ def resolve(cfg, given):
              (lambda: not cfg.targets_dir, {"topk": None, "targets_dtype": None, "targets_shard": None,
                                             "targets_only": False}, "it goes with --targets_dir"),
              (lambda: cfg.eval_data, {"eval_size": None}, "--eval_data is the held-out set"),
+             (lambda: int(os.environ.get("WORLD_SIZE", 1)) == 1, {"zero": False}, "it shards the optimizer state "
+              "across torchrun's processes; one process has nothing to shard"),
              (lambda: not cfg.eval_temperature, {"eval_seeds": None}, "it goes with --eval_temperature > 0 "
               "(greedy answers are scored once)")]
     for applies, settings, why in rules:  # in order: each condition sees what the rules before it wrote
@@ -202,10 +206,13 @@ FLAG_RANGES = [
     (("batch_size", "grad_accum", "epochs", "topk", "targets_shard", "chunk_size", "eval_batch_size", "eval_seeds",
       "seqkd_max_new_tokens", "on_policy_max_new_tokens", "ppo_epochs"), lambda v: v >= 1, ">= 1"),
     (("max_rows", "eval_size", "max_steps", "warmup_steps", "weight_decay", "grad_clip", "alpha", "eval_every",
-      "eval_max_new_tokens", "eval_temperature", "save_every", "keep_last", "peak_tflops", "on_policy_temperature",
-      "lm_coef"),
+      "eval_max_new_tokens", "save_every", "keep_last", "peak_tflops", "lm_coef"),
      lambda v: v >= 0, ">= 0"),
-    (("lr", "temperature", "ppo_clip", "reward_scaling", "reward_clip"), lambda v: v > 0, "> 0"),
+    (("lr", "ppo_clip", "reward_scaling", "reward_clip"), lambda v: v > 0, "> 0"),
+    # logits / 1e-3 stay far inside float32's range; below, softmax overflows
+    (("temperature",), lambda v: v >= 1e-3, ">= 0.001"),
+    (("eval_temperature", "on_policy_temperature"), lambda v: v == 0 or v >= 1e-3, "0 (greedy) or >= 0.001"),
+    (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy's and every rank's seeds
     (("lam", "min_lr_ratio", "on_policy", "reward_gamma", "kd_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("beta1", "beta2", "teacher_mix"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_len",), lambda v: v >= 2, ">= 2 (a prompt token and a supervised one)"),
@@ -222,6 +229,9 @@ def parse_flags(argv):
     """(cfg, the keys given) from --key=value flags, each type-, range- and choice-checked; nothing resolved."""
     cfg, given, types = Config(), set(), {f.name: f.type for f in dataclasses.fields(Config)}
     for arg in argv:
+        if arg in ("--help", "-h"):
+            print(usage())
+            raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"arguments are --key=value, got {arg!r}")
         key, val = arg[2:].split("=", 1)
@@ -245,6 +255,17 @@ def parse_flags(argv):
         raise SystemExit(f"--resume_allow={cfg.resume_allow}: {', '.join(sorted(unknown))} not among "
                          f"{', '.join(RUN_KEYS + RUN_FACTS)}")
     return cfg, given
+
+
+def usage():
+    """--help: every flag, its default and its meaning, grouped as Config groups them (Config's own lines)."""
+    lines = ["python deltakd.py --key=value ...  (DDP: torchrun --nproc_per_node=N deltakd.py ...); the README has "
+             "the commands"]
+    for line in inspect.getsource(Config).splitlines()[2:]:  # after the decorator and the class line
+        flag = re.match(r"    (\w+): [^=]+= .*?(?:  # (.*))?$", line)
+        lines.append(f"  --{flag[1]}={getattr(Config, flag[1])}".ljust(35) + f" {flag[2] or ''}" if flag else
+                     "\n" * line.startswith("    # ") + line.strip().removeprefix("# "))
+    return "\n".join(lines)
 
 
 def parse_args(argv):
@@ -765,7 +786,7 @@ def token_cache(run, path):
     # the TokenCache of a data file: built once by rank 0, memory-mapped by every rank (data.open_cache)
     cfg = run.cfg
     key = data.cache_key(path, run.tokenizer_path, cfg.max_len, cfg.system_prompt, cfg.max_rows, cfg.skip_bad_rows)
-    return data.open_cache(path, run.tokenizer, key, cfg.cache_dir or os.path.join(cfg.out_dir, "cache"), run.rank,
+    return data.open_cache(path, run.tokenizer, key, cfg.cache_dir or os.path.join(work_dir(cfg), "cache"), run.rank,
                            print if run.master and not cfg.quiet else None)
 
 
@@ -1039,6 +1060,8 @@ def resume_point(run):
     if ckpt:
         with open(os.path.join(ckpt, "run.json")) as f:
             check_same_run(run, json.load(f), ckpt)
+    elif run.master:  # a job script that always passes --resume=true, at its first launch (or a mistyped out_dir)
+        print(f"resume: no checkpoint in --out_dir={cfg.out_dir}; starting at step 0", flush=True)
     return ckpt
 
 
@@ -1049,9 +1072,11 @@ def check_same_run(run, theirs, ckpt):
     if changed:
         keys = ",".join(sorted({k.split(".")[0] for k, _, _ in changed}))
         values = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in changed)
+        accum, rest = divmod(theirs["identity"]["micro_batches_per_step"], run.world)
+        fix = (f"--grad_accum={accum} keeps its global batch on {run.world} process(es)" if
+               keys == "micro_batches_per_step" and accum and not rest else f"pass --resume_allow={keys} to continue it anyway")
         raise SystemExit(f"--resume=true: this run differs from the one in {ckpt} in {values}; a resumed "
-                         f"run must be the same run. Pass --resume_allow={keys} to continue it anyway, or use another "
-                         "--out_dir")
+                         f"run must be the same run: {fix}, or use another --out_dir")
     schedule = [f"{k} {theirs['config'][k]} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
                 if theirs["config"].get(k) != getattr(cfg, k)]
     if schedule and run.master:
@@ -1579,9 +1604,14 @@ def eval_only(run):
     return scores if run.master else {}
 
 
+def work_dir(cfg):
+    # where a run writes (its lock, its default token cache): the target pass alone, only into its store
+    return cfg.targets_dir if cfg.targets_only else cfg.out_dir
+
+
 def train(cfg):
     """One run of the configured method; returns the final evaluation scores (rank 0) or {}."""
-    with data.out_dir_lock(cfg.out_dir):
+    with data.out_dir_lock(work_dir(cfg)):
         run = start(cfg)  # every input checked; the checkpoint to resume from chosen
         if cfg.eval_only:
             return eval_only(run)

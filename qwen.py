@@ -414,6 +414,10 @@ class Qwen(nn.Module):
         for file in dict.fromkeys(tensors.values()):  # each file opened once
             with safe_open(file, framework="pt", device=str(device)) as f:
                 sd.update({k: f.get_tensor(k).to(dtype) for k, where in tensors.items() if where == file})
+        # a diverged or damaged model would only show later, as NaN samples or scores, naming nothing
+        bad = next((k for k, t in sd.items() if not torch.isfinite(t).all()), None)
+        if bad:
+            raise CheckpointError(f"{tensors[bad]}: {bad} holds non-finite values (NaN or inf)")
         if cfg.tie_word_embeddings:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)

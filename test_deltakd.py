@@ -1358,8 +1358,8 @@ def test_answer_sanity_counts_distinct_answers_loops_and_length():
 
 
 def test_config_overrides_are_type_checked_and_unknown_keys_named():
-    cfg = deltakd.parse_args(["--lr=3e-4", "--zero=true", "--method=fkl", "--batch_size=2"])
-    assert (cfg.lr, cfg.zero, cfg.method, cfg.batch_size) == (3e-4, True, "fkl", 2)
+    cfg = deltakd.parse_args(["--lr=3e-4", "--resume=true", "--method=fkl", "--batch_size=2"])
+    assert (cfg.lr, cfg.resume, cfg.method, cfg.batch_size) == (3e-4, True, "fkl", 2)
     with pytest.raises(SystemExit, match="unknown config key 'learning_rate'"):
         deltakd.parse_args(["--learning_rate=1"])
     with pytest.raises(SystemExit, match="--batch_size=two: expected int"):
@@ -1500,7 +1500,7 @@ def test_sampled_evaluation_is_scored_beside_greedy_and_reproducible_per_seed(ru
     assert greedy != [s["prediction"] for s in sampled[:8]]
     for bad in (["--eval_seeds=3"], ["--eval_temperature=-1"], ["--eval_temperature=1", "--eval_seeds=0"]):
         with pytest.raises(SystemExit, match="--eval_seeds=3 has no effect: it goes with --eval_temperature > 0|"
-                                              "--eval_temperature=-1.0: must be >= 0|--eval_seeds=0: must be >= 1"):
+                                              "--eval_temperature=-1.0: must be 0 .greedy. or >= 0.001|--eval_seeds=0: must be >= 1"):
             deltakd.parse_args(bad)
 
 
@@ -1646,7 +1646,9 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(run_
 
 
 def same_files(a, b):
-    names = lambda d: sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)  # noqa: E731
+    # the files of two directories, byte for byte (but a run's .lock, which names its process)
+    names = lambda d: sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d)  # noqa: E731
+                             for f in fs if f != ".lock")
     return names(a) == names(b) and all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read()
                                         for n in names(a))
 
@@ -1674,6 +1676,16 @@ def test_target_pass_resumes_after_a_kill_without_redoing_shards_and_equals_an_u
     assert all(os.stat(killed / s / "ids.bin").st_mtime_ns == m for s, m in kept.items())  # not redone
     shutil.rmtree(killed / ".tmp-shard-00013-x")
     assert same_files(tmp_path / "straight", killed)  # 14 shards, byte for byte
+
+
+def test_the_target_pass_alone_writes_only_into_its_store(run_dir, tmp_path):
+    # no --out_dir: its lock and token cache go into --targets_dir, nothing into the working directory's ./out
+    argv = [a for a in args(run_dir, tmp_path, targets_dir=tmp_path / "targets", targets_only=True, topk=8, eval_size=8)
+            if not a.startswith("--out_dir=")]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "deltakd.py"), *argv], cwd=tmp_path, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.listdir(tmp_path) == ["targets"] and {".lock", "cache", "key.json"} <= set(os.listdir(tmp_path / "targets"))
 
 
 def test_training_with_stored_targets_loads_no_frozen_model_and_refuses_a_foreign_store(run_dir, tmp_path, monkeypatch):
@@ -1815,6 +1827,21 @@ def test_bad_inputs_stop_before_the_first_step_with_a_message(run_dir, tmp_path)
         deltakd.train(deltakd.parse_args(args(run_dir, blocker / "out")))
 
 
+def test_a_model_with_non_finite_weights_is_refused_naming_its_file_and_tensor(run_dir, tmp_path):
+    # a NaN student sampling on-policy or scored alone, a NaN teacher mixed into MiniLLM's sampling: refused when
+    # loaded, before a sample or a score (no torch.multinomial traceback, no "nll nan" with exit 0)
+    key = "model.layers.0.mlp.up_proj.weight"
+    for role in ("student", "teacher_ft"):
+        shutil.copytree(run_dir / role, tmp_path / role)
+        w = weights(tmp_path / role)
+        w[key][0, 0] = float("nan")
+        save_file(w, tmp_path / role / "model.safetensors", metadata={"format": "pt"})
+    for role, kw in (("student", dict(method="fkl", on_policy=1)), ("teacher_ft", dict(method="minillm")),
+                     ("student", dict(eval_only=True, eval_data=run_dir / "train.jsonl", eval_size=None))):
+        r = cli(run_dir, tmp_path / "out", **{**kw, role: tmp_path / role, "teacher_raw": None, "max_steps": 1})
+        one_line_error(r, f"{tmp_path / role / 'model.safetensors'}: {key} holds non-finite values (NaN or inf)")
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run_dir, tmp_path):
     deltakd.train(deltakd.parse_args(args(run_dir, tmp_path, max_steps=2, eval_size=0)))
     before = weights(tmp_path / "ckpt-0000002")
@@ -1849,15 +1876,33 @@ def steps_logged(out):
     return [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if "loss" in json.loads(x)]
 
 
+def test_help_lists_every_flag_with_its_default_and_meaning_grouped_as_config():
+    r = subprocess.run([sys.executable, "deltakd.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=60)
+    flags = [line for line in r.stdout.splitlines() if line.startswith("  --")]
+    assert r.returncode == 0 and [f.split("=")[0].strip() for f in flags] == \
+        [f"--{f.name}" for f in deltakd.dataclasses.fields(deltakd.Config)]
+    for f, field in zip(flags, deltakd.dataclasses.fields(deltakd.Config)):  # each with its one line of meaning
+        assert f.startswith(f"  --{field.name}={field.default} ") and f.removeprefix(f"  --{field.name}={field.default}").strip()
+    assert "\n  --lam=0.5" in r.stdout and "\n\nmethod (METHODS fixes some" in r.stdout
+
+
 def test_out_of_range_flags_are_refused_before_any_work(run_dir, tmp_path):
     for flag, text in [("--batch_size=0", "must be >= 1"), ("--grad_accum=0", "must be >= 1"),
                        ("--topk=0", "must be >= 1"), ("--max_steps=-1", "must be >= 0"),
                        ("--alpha=-0.5", "must be >= 0"), ("--lr=nan", "must be > 0"), ("--lam=1.5", "in [0, 1]"),
-                       ("--resume_allow=bogus", "bogus not among")]:
+                       ("--resume_allow=bogus", "bogus not among"), ("--seed=-1", "must be in [0, 2**32)"),
+                       ("--seed=4294967296", "in [0, 2**32)"), ("--temperature=1e-40", "must be >= 0.001"),
+                       ("--eval_temperature=1e-40", "0 (greedy) or >= 0.001"),
+                       ("--on_policy_temperature=1e-9", "0 (greedy) or >= 0.001"),
+                       ("--zero=true", "across torchrun's processes; one process has nothing to shard")]:
         with pytest.raises(SystemExit, match=re.escape(text)):
-            deltakd.parse_args([flag])
+            deltakd.parse_args([flag, "--on_policy=0.5"])
     one_line_error(cli(run_dir, tmp_path / "out", batch_size=0), "--batch_size=0: must be >= 1")
+    one_line_error(cli(run_dir, tmp_path / "out", seed=-1), "--seed=-1: must be in [0, 2**32)")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "tokenizer.json").write_text('{"model": ')  # a cut tokenizer.json: named, not the library's traceback
+    one_line_error(cli(run_dir, tmp_path / "out", tokenizer=tmp_path / "tokenizer.json"),
+                   f"{tmp_path / 'tokenizer.json'}: not a tokenizer.json the tokenizers library reads")
 
 
 def test_damaged_model_files_stop_the_run_in_one_line_before_the_data_is_tokenized(run_dir, tmp_path):
@@ -1907,7 +1952,8 @@ def test_bad_rows_are_named_by_file_and_line_and_skipped_with_skip_bad_rows(run_
 
 def test_a_resumed_run_is_the_same_run_bit_exact_and_a_damaged_newest_checkpoint_is_skipped(run_dir, tmp_path):
     common = dict(max_steps=4, save_every=2, keep_last=3, eval_size=0, cache_dir=tmp_path / "cache")
-    assert cli(run_dir, tmp_path / "straight", **common).returncode == 0
+    r = cli(run_dir, tmp_path / "straight", resume=True, **common)  # --resume=true at a first launch: said, step 0
+    assert r.returncode == 0 and f"resume: no checkpoint in --out_dir={tmp_path / 'straight'}; starting at step 0" in r.stdout
     out = tmp_path / "run"
     assert cli(run_dir, out, **dict(common, save_every=1)).returncode == 0  # ckpt-2, 3 and 4 kept
     # what defines the run may not change: each differing key is named
@@ -1920,6 +1966,7 @@ def test_a_resumed_run_is_the_same_run_bit_exact_and_a_damaged_newest_checkpoint
                        ("train_data", shutil.copy(run_dir / "train.jsonl", tmp_path / "moved.jsonl"))):
         line = one_line_error(cli(run_dir, out, resume=True, **{**common, key: value}), "differs from the one in")
         assert line.count(" -> ") == 1 and ("micro_batches_per_step" if key == "grad_accum" else key) in line
+        assert ("--grad_accum=1 keeps its global batch on 1 process(es)" in line) == (key == "grad_accum")
     changed = tmp_path / "train.jsonl"  # other data, under any name
     changed.write_text(open(run_dir / "train.jsonl").read() + json.dumps(data.read_rows(GSM8K)[60]) + "\n")
     one_line_error(cli(run_dir, out, resume=True, train_data=changed, **common), "train_data_content.size")
@@ -2026,7 +2073,7 @@ def test_on_policy_flags_are_refused_where_they_cannot_work():
     for argv, text in [(["--on_policy=1.5"], "--on_policy=1.5: must be in [0, 1]"),
                        (["--on_policy=-0.1"], "must be in [0, 1]"),
                        (["--on_policy=0.5", "--on_policy_max_new_tokens=0"], "must be >= 1"),
-                       (["--on_policy=0.5", "--on_policy_temperature=-1"], "must be >= 0"),
+                       (["--on_policy=0.5", "--on_policy_temperature=-1"], "must be 0 (greedy) or >= 0.001"),
                        (["--on_policy=0.5", "--targets_dir=t"], "no stored target can score them"),
                        (["--on_policy=0.5", "--method=sft"], "--on_policy=0.5 has no effect: --method=sft"),
                        (["--on_policy=1", "--method=seqkd"], "--on_policy=1.0 has no effect: --method=seqkd"),
@@ -2620,27 +2667,38 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
                                      "seed1337/raw-teacher/model.safetensors", "seed1337/raw-teacher/tokenizer.json",
                                      "tokenizer.json"]
     assert all(t.dtype == torch.bfloat16 for t in weights(tmp_path / "raw/seed1337/raw-teacher").values())
-    stages = {"raw-teacher", "raw-student", "teacher-ft", "student-sft", "student-fkl", "student-rkl", "student-seqkd",
-              "student-delta-a1"}
+    stages = {"raw-teacher", "raw-student", "teacher-ft", "student-ft", "student-sft", "student-fkl", "student-delta-a1"}
     forced = {"teacher-ft-own", "teacher-ft-distill"}  # the teacher, teacher-forced on either half of the training rows
     saved = json.load(open(tmp_path / "results.json"))
-    assert saved == json.loads(json.dumps(results))
-    assert set(saved) == stages | forced | {"baseline: most frequent answer", "baseline: nearest training answer",
-                                            "references"}
+    assert saved == json.loads(json.dumps(results)) and set(saved) == {"methods", "premise"}
+    methods, premise = saved["methods"], saved["premise"]
+    assert set(methods) == stages | forced | {"baseline: most frequent answer", "baseline: nearest training answer",
+                                              "references"}
     for stage in stages:  # every figure of the table, for every stage, from its one seed
-        s = saved[stage]["1337"]
+        s = methods[stage]["1337"]
         assert {"rougeL", "sampled_rougeL", "nll", "entropy", "distinct", "repeated_4grams", "sound", "words"} <= set(s)
         assert ("kl_teacher" in s) == stage.startswith("student")
         assert 0 <= s["rougeL"] <= 1 and s["nll"] > 0 and s["entropy"] > 0
     for stage in forced:  # --eval_max_new_tokens=0: nothing generated, the teacher-forced figures only
-        assert set(saved[stage]["1337"]) == {"nll", "entropy"} and not (tmp_path / stage / "eval-final.jsonl").exists()
+        assert set(methods[stage]["1337"]) == {"nll", "entropy"} and not (tmp_path / stage / "eval-final.jsonl").exists()
+    # the premise: pi_s^ft against the raw student, the teacher, pi* at each alpha and every distilled student
+    assert list(premise) == ["raw-student", "teacher-ft", "pi*-a0.5", "pi*-a1", "pi*-a2", "student-sft", "student-fkl",
+                             "student-delta-a1"]
+    assert all(set(p) == {"1337"} and set(p["1337"]) == {"held_out", "distill"} and min(p["1337"].values()) > 0
+               for p in premise.values())
+    # pi_s^ft is the teacher's recipe on the raw student: the same steps, lr and batches (supervised tokens per step)
+    recipe = lambda stage: [(r["step"], r["lr"], r["supervised_tokens"]) for r in map(  # noqa: E731
+        json.loads, open(tmp_path / stage / "metrics.jsonl")) if "loss" in r]
+    assert recipe("student-ft") == recipe("teacher-ft") and len(recipe("teacher-ft")) == 60
+    runs = [json.load(open(os.path.join(deltakd.checkpoints(str(tmp_path / s))[-1], "run.json")))
+            for s in ("teacher-ft", "student-ft")]
+    assert {k for k, v in runs[0]["identity"].items() if runs[1]["identity"][k] != v} == {"student", "teacher_ft"}
+    assert {k for k, v in runs[0]["config"].items() if runs[1]["config"][k] != v} == {"student", "teacher_ft", "out_dir"}
     teacher_answers = [json.loads(x) for x in open(tmp_path / "teacher-ft" / "eval-final.jsonl")]
     refs = [a["reference"] for a in teacher_answers]
-    assert saved["references"]["-"] == rouge.answer_sanity(refs) and len(refs) == 6
-    assert saved["teacher-ft"]["1337"]["rougeL"] == deltakd.rouge_f1(refs, [a["prediction"] for a in teacher_answers])["rougeL"]
-    assert open(tmp_path / "results.md").read() == demo.demo_table(results) + "\n"  # the table is these numbers
-    seqkd = data.read_rows(str(tmp_path / "student-seqkd" / "seqkd_data.jsonl"))
-    assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)
+    assert methods["references"]["-"] == rouge.answer_sanity(refs) and len(refs) == 6
+    assert methods["teacher-ft"]["1337"]["rougeL"] == deltakd.rouge_f1(refs, [a["prediction"] for a in teacher_answers])["rougeL"]
+    assert open(tmp_path / "results.md").read() == demo.results_table(results) + "\n"  # the tables are these numbers
     # seeds fixed: the same raw models, bit for bit, pretrained again into another folder; the same results
     PRETRAIN.pretrain(str(tmp_path / "raw-again"), [1337], SHRUNK_PRETRAINING)
     for p in raw:
@@ -2658,9 +2716,11 @@ def test_the_full_comparison_runs_every_seed_alpha_stored_targets_and_on_policy(
     shrink_demo(monkeypatch, tmp_path / "raw", seeds=(1337, 1338), eval_size=4, eval_seeds=1,
                 distill=dict(max_steps=1, lr=1e-3, batch_size=4), full_seeds=2, full_alphas=(0.0, 1.0), full_topk=4)
     run_demo(([f"--out_dir={tmp_path}", "--quiet=true", "--full_comparison=true", "--on_policy=1"]))
-    saved = json.load(open(tmp_path / "results.json"))
+    results = json.load(open(tmp_path / "results.json"))
+    saved = results["methods"]
     runs = {k for k in saved if not k.startswith("baseline") and k != "references"}
-    assert runs == {"raw-teacher", "raw-student", "teacher-ft", "teacher-ft-own", "teacher-ft-distill", "student-sft",
+    assert runs == {"raw-teacher", "raw-student", "teacher-ft", "teacher-ft-own", "teacher-ft-distill", "student-ft",
+                    "student-sft",
                     "student-fkl", "student-rkl", "student-seqkd", "student-delta-a0", "student-delta-a1",
                     "student-delta-a1-top4", "student-minillm",
                     "student-fkl-onpolicy1", "student-delta-a1-onpolicy1"}  # --on_policy: those two on-policy too
@@ -2671,14 +2731,18 @@ def test_the_full_comparison_runs_every_seed_alpha_stored_targets_and_on_policy(
     identity = json.load(open(minillm / "ckpt-0000001" / "run.json"))["identity"]
     assert identity["method"] == "minillm"
     assert identity["student"] == str(tmp_path / "seed1338" / "student-sft" / "ckpt-0000001")
+    assert identity["pretrain_data"] == demo.DEMO.minillm_pretrain_data  # with its language-modelling term
+    seqkd = data.read_rows(str(tmp_path / "seed1338" / "student-seqkd" / "seqkd_data.jsonl"))
+    assert seqkd and all(len(r["messages"]) == 2 for r in seqkd)  # the teacher's answers
     sampled = [json.loads(x).get("sampled") for x in open(tmp_path / "seed1338" / "student-fkl-onpolicy1" / "metrics.jsonl")]
     assert sampled[0] == 1.0 and '"sampled":' not in open(tmp_path / "seed1338" / "student-fkl" / "metrics.jsonl").read()
-    assert all(set(saved[k]) == {"1337", "1338"} for k in runs)  # every seed's figures
+    assert all(set(saved[k]) == {"1337", "1338"} for k in runs)  # every seed's figures, the premise's too
+    assert all(set(p) == {"1337", "1338"} for p in results["premise"].values()) and "student-minillm" in results["premise"]
     assert os.path.isfile(tmp_path / "seed1338" / "targets" / "key.json")  # the stored top-k run's target pass
     # Delta-KD at alpha 0 is forward KL: the same figures, to the last digit, on every seed
     assert saved["student-delta-a0"] == saved["student-fkl"]
     table = open(tmp_path / "results.md").read()
-    assert table == demo.demo_table(saved) + "\n"
+    assert table == demo.results_table(results) + "\n"
     assert "| Forward KL (on-policy p=1) |" in table and "| Delta-KD (α=1, on-policy p=1) |" in table
     assert "| MiniLLM (from the SFT student) |" in table
 
@@ -2688,12 +2752,55 @@ def demo_stages(out, monkeypatch, *argv):
     calls = {}
     monkeypatch.setattr(demo, "demo_stage", lambda cfg, out_dir, seed, **kw: calls.setdefault(seed, {}).update(
         {os.path.basename(out_dir): dict(kw, root=os.path.dirname(out_dir))}) or {})
+    monkeypatch.setattr(demo, "demo_premise", lambda models, problems, tokenizer, system_prompt: calls.setdefault(
+        "premise", []).append((models, problems)) or {})
     run_demo(([f"--out_dir={out}", "--quiet=true", *argv]))
     return calls
 
 
+def test_the_premise_figures_equal_a_dense_float64_computation(tmp_path, monkeypatch):
+    # tiny random models on the demo's tokenizer, their heads scaled so that the KLs are of order 1; the reference
+    # scores each example alone (no padding) with transformers in float64, pi* = p_ft (p_s / p_t)^alpha / Z in
+    # probability space, and sums KL(pi_s^ft || target) over supervised tokens in Python
+    tok = Tokenizer.from_file(os.path.join(demo.DEMO.raw_models, "tokenizer.json"))
+    names, hf, paths = ["raw-student", "raw-teacher", "teacher-ft", "student-ft", "student-sft"], {}, {}
+    for i, name in enumerate(names):
+        m, paths[name] = hf_model(tmp_path, name, tie=False, n_head=2, n_kv=1, vocab=tok.get_vocab_size(), seed=i)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(20)
+        m.save_pretrained(paths[name])
+        hf[name] = m.double()
+    rows = [demo.demo_task(r) for r in data.read_rows(GSM8K)[:11]]
+    problems = {"held_out": rows[:4], "distill": rows[4:]}
+    monkeypatch.setattr(demo, "DEMO", replace(demo.DEMO, premise_batch_size=3))  # padded batches, and a last short one
+    got = demo.demo_premise(paths, problems, tok, data.SYSTEM_PROMPT_BASE)
+    alphas = demo.DEMO.premise_alphas
+    assert list(got) == ["raw-student", "teacher-ft", *(f"pi*-a{a:g}" for a in alphas), "student-sft"]
+    for problem_set, rows in problems.items():
+        examples = data.eval_examples(rows, tok, demo.DEMO.max_len, data.SYSTEM_PROMPT_BASE)
+        sums, n = {}, 0
+        for e in examples:
+            with torch.no_grad():
+                p = {name: torch.softmax(m(torch.tensor([e.input_ids])).logits[0, :-1].double(), -1)
+                     for name, m in hf.items()}
+            targets = {"raw-student": p["raw-student"], "teacher-ft": p["teacher-ft"], "student-sft": p["student-sft"],
+                       **{f"pi*-a{a:g}": p["teacher-ft"] * (p["raw-student"] / p["raw-teacher"]) ** a for a in alphas}}
+            for t in range(len(e.labels) - 1):
+                if e.labels[t + 1] == -100:
+                    continue
+                ps = p["student-ft"][t].tolist()
+                for name, q in targets.items():
+                    q = (q[t] / q[t].sum()).tolist()
+                    sums[name] = sums.get(name, 0.0) + sum(a * math.log(a / b) for a, b in zip(ps, q))
+                n += 1
+        for name, total in sums.items():
+            assert got[name][problem_set] == pytest.approx(total / n, rel=1e-5), (problem_set, name)
+            assert 0.1 < got[name][problem_set] < 20, got
+
+
 def test_the_demo_finetunes_the_teacher_and_distills_the_students_on_disjoint_halves(tmp_path, monkeypatch):
-    stages = demo_stages(tmp_path, monkeypatch)[1337]
+    calls = demo_stages(tmp_path, monkeypatch)
+    stages, [(models, problems)] = calls[1337], calls["premise"]
     rows = {n: [json.dumps(r) for r in data.read_rows(str(tmp_path / f"task_{n}.jsonl"))]
             for n in ("teacher", "distill", "eval")}
     train, _ = data.split_rows([demo.demo_task(r) for r in data.read_rows(demo.DEMO.task_data)],
@@ -2705,19 +2812,31 @@ def test_the_demo_finetunes_the_teacher_and_distills_the_students_on_disjoint_ha
     path = lambda n: str(tmp_path / f"task_{n}.jsonl")  # noqa: E731
     teacher_ft = deltakd.checkpoint_dir(str(tmp_path / "teacher-ft"), demo.DEMO.finetune["max_steps"])
     assert list(stages) == ["raw-teacher", "raw-student", "teacher-ft", "teacher-ft-own", "teacher-ft-distill",
-                            "student-sft", "student-fkl", "student-rkl", "student-seqkd", "student-delta-a1"]
+                            "student-ft", "student-sft", "student-fkl", "student-delta-a1"]
     assert stages["teacher-ft"]["train_data"] == path("teacher")
+    # pi_s^ft: the raw student trained with exactly the teacher's flags (scored against the teacher, as the students)
+    assert stages["student-ft"] == {**stages["teacher-ft"], "student": stages["raw-student"]["student"],
+                                    "teacher_ft": teacher_ft}
     for name, half in (("teacher-ft-own", "teacher"), ("teacher-ft-distill", "distill")):  # teacher-forced only
         kw = stages[name]
         assert (kw["student"], kw["eval_only"], kw["eval_data"], kw["eval_max_new_tokens"]) == (teacher_ft, True,
                                                                                                  path(half), 0)
-    students = [kw for name, kw in stages.items() if name.startswith("student-")]
+    students = [kw for name, kw in stages.items() if name.startswith("student-") and name != "student-ft"]
     assert all((kw["train_data"], kw["teacher_ft"], kw["eval_data"]) == (path("distill"), teacher_ft, path("eval"))
                for kw in students)
+    # the premise scores the last checkpoint of every trained stage, on the held-out problems and as many of the
+    # distillation problems
+    assert list(models) == ["raw-student", "raw-teacher", "teacher-ft", "student-ft", "student-sft", "student-fkl",
+                            "student-delta-a1"]
+    assert (models["raw-student"], models["teacher-ft"]) == (stages["raw-student"]["student"], teacher_ft)
+    assert models["student-ft"] == deltakd.checkpoint_dir(str(tmp_path / "student-ft"), demo.DEMO.finetune["max_steps"])
+    assert problems == {"held_out": data.read_rows(path("eval")),
+                        "distill": data.read_rows(path("distill"))[:demo.DEMO.eval_size]}
 
 
 def test_the_full_comparison_adds_minillm_from_the_sft_student_and_on_policy_delta_kd(tmp_path, monkeypatch):
     full = demo_stages(tmp_path / "full", monkeypatch, "--full_comparison=true")
+    assert len(full.pop("premise")) == demo.DEMO.full_seeds  # the premise of every seed
     assert set(full) == set(range(1337, 1337 + demo.DEMO.full_seeds))
     for seed, stages in full.items():
         names = list(stages)
@@ -2786,7 +2905,7 @@ def test_demo_table_shows_mean_and_std_over_seeds():
     results = {"student-delta-a0.5": {1: {"rougeL": 0.25, "nll": 2.0, "entropy": 1.0, "distinct": 0.5},
                                       2: {"rougeL": 0.35, "nll": 2.5, "entropy": 1.5, "distinct": 0.5}},
                "baseline: most frequent answer": {"-": {"rougeL": 0.1}}}
-    table = demo.demo_table(results).splitlines()
+    table = demo.demo_table(results, demo.METHOD_COLUMNS, "Method").splitlines()
     assert table[0].startswith("| Method | ROUGE-1 | ROUGE-2 | ROUGE-L | sampled ROUGE-L | NLL | entropy | KL(")
     assert table[2].startswith("| Delta-KD (α=0.5) | – | – | 0.3000 ± .0707 | – | 2.250 ± .354 | 1.250 ± .354 | – | "
                                "– | 50% ± 0% |")
