@@ -634,15 +634,15 @@ def out_dir_lock(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a+")
     except OSError as e:
-        raise SystemExit(f"--out_dir={out_dir} is not writable: {e}") from None
+        raise SystemExit(f"{out_dir} is not writable: {e}") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "a process that has not written its name yet"
-            raise SystemExit(f"--out_dir={out_dir} is in use by another run ({holder}); wait for it to finish or "
-                             "choose another --out_dir") from None
+            raise SystemExit(f"{out_dir} is in use by another run ({holder}); wait for it to finish or choose "
+                             "another directory") from None
         except OSError as e:  # a file system without locks (some network ones)
             raise SystemExit(f"{lock.name}: cannot lock it ({e}); use an --out_dir on a local file system") from None
         lock.truncate(0)

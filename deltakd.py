@@ -74,6 +74,7 @@ class Config:
     lam: float = 0.5            # weight of the SFT term
     alpha: float = 1.0          # strength of the finetuning shift; 0: the raw models are not loaded
     temperature: float = 1.0    # tau of every distribution of the KD term (no tau^2 factor)
+    seqkd_max_new_tokens: int = 256  # SeqKD: the longest teacher answer
     # on-policy distillation: answers sampled from the student, scored by the frozen models live
     on_policy: float = 0.0      # share of micro-batches answered by the student's own samples (GKD's lmbda); 0: none
     on_policy_temperature: float = 1.0  # the student's sampling temperature, top_p 1 (0: greedy)
@@ -90,7 +91,6 @@ class Config:
     pretrain_data: str = ""     # plain text or chat rows, as --train_data; empty: no such term (LMOps' *_no_pt scripts)
     lm_coef: float = 1.0        # weight of the language-modelling term
     kd_ratio: float = 0.5       # LMOps' scripts' value
-    seqkd_max_new_tokens: int = 256  # SeqKD: the longest teacher answer
     # stored targets ("decoupled teachers"): the frozen models run once, training loads none of them
     targets_dir: str = ""       # empty: frozen models run live at every step
     topk: int = 64              # target probabilities kept per supervised token (+ the mass of the rest)
@@ -190,7 +190,7 @@ def resolve(cfg, given):
                                             "targets_only": False}, "it goes with --targets_dir"),
              (lambda: cfg.eval_data, {"eval_size": None}, "--eval_data is the held-out set"),
              (lambda: int(os.environ.get("WORLD_SIZE", 1)) == 1, {"zero": False}, "it shards the optimizer state "
-              "across torchrun's processes; one process has nothing to shard"),
+              "across torchrun's processes; one process has nothing to shard (--dry_run: set WORLD_SIZE=N)"),
              (lambda: not cfg.eval_temperature, {"eval_seeds": None}, "it goes with --eval_temperature > 0 "
               "(greedy answers are scored once)")]
     for applies, settings, why in rules:  # in order: each condition sees what the rules before it wrote
@@ -209,10 +209,10 @@ FLAG_RANGES = [
       "eval_max_new_tokens", "save_every", "keep_last", "peak_tflops", "lm_coef"),
      lambda v: v >= 0, ">= 0"),
     (("lr", "ppo_clip", "reward_scaling", "reward_clip"), lambda v: v > 0, "> 0"),
-    # logits / 1e-3 stay far inside float32's range; below, softmax overflows
+    # logits of ~30 / 1e-3 stay inside even float16's range (65504); far below, z / tau overflows
     (("temperature",), lambda v: v >= 1e-3, ">= 0.001"),
     (("eval_temperature", "on_policy_temperature"), lambda v: v == 0 or v >= 1e-3, "0 (greedy) or >= 0.001"),
-    (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy's and every rank's seeds
+    (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy's bound
     (("lam", "min_lr_ratio", "on_policy", "reward_gamma", "kd_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("beta1", "beta2", "teacher_mix"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("max_len",), lambda v: v >= 2, ">= 2 (a prompt token and a supervised one)"),
@@ -264,7 +264,7 @@ def usage():
     for line in inspect.getsource(Config).splitlines()[2:]:  # after the decorator and the class line
         flag = re.match(r"    (\w+): [^=]+= .*?(?:  # (.*))?$", line)
         lines.append(f"  --{flag[1]}={getattr(Config, flag[1])}".ljust(35) + f" {flag[2] or ''}" if flag else
-                     "\n" * line.startswith("    # ") + line.strip().removeprefix("# "))
+                     "\n" * lines[-1].startswith(("  --", "python")) + line.strip().removeprefix("# "))
     return "\n".join(lines)
 
 
@@ -996,12 +996,12 @@ def autocast(device, mode="auto"):
 
 # what a resumed run shares with the run it continues, as resolve made them (None: not read): a change is refused,
 # naming each key, unless --resume_allow names them. Model paths count (a moved model: allow the keys named), as do
-# the training data's bytes (RUN_FACTS)
+# the bytes of the training data and of the models' weights (RUN_FACTS)
 RUN_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "max_rows", "eval_data",
             "eval_size", "max_len", "system_prompt", "skip_bad_rows", "method", "divergence", "lam", "alpha",
             "temperature", "topk", "targets_dtype", "teacher_dtype", "autocast", "batch_size", "seed", "on_policy",
             "on_policy_temperature", "on_policy_max_new_tokens", "seqkd_max_new_tokens") + MINILLM_KEYS
-RUN_FACTS = ("micro_batches_per_step", "train_data_content", "pretrain_data_content")  # the rest of run_identity
+RUN_FACTS = ("micro_batches_per_step", "train_data_content", "pretrain_data_content", "models_content")  # the rest
 PATH_KEYS = ("student", "student_raw", "teacher_ft", "teacher_raw", "tokenizer", "train_data", "eval_data",
              "pretrain_data")
 # the schedule may change on resume (e.g. a finished run continued to a larger max_steps); the run says so
@@ -1011,16 +1011,19 @@ SCHEDULE_KEYS = ("epochs", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "w
 
 def run_identity(run):
     """RUN_KEYS' values (the directories of the models it reads, absolute: a path relative or absolute is the same),
-    the step's geometry (micro-batches of all ranks) and the bytes of the data it trains on (data.file_identity
-    without its mtime: a copy is the same data)."""
-    cfg = run.cfg
-    paths = {**model_dirs(cfg), "tokenizer": run.tokenizer_path,
+    the step's geometry (micro-batches of all ranks) and the bytes of the data it trains on and of the models'
+    weights (data.file_identity without its mtime: a copy is the same file, a model replaced in place another)."""
+    cfg, dirs = run.cfg, model_dirs(run.cfg)
+    paths = {**dirs, "tokenizer": run.tokenizer_path,
              **{k: getattr(cfg, k) for k in ("train_data", "eval_data", "pretrain_data")}}
     values = {k: (os.path.abspath(paths[k]) if paths.get(k) else None) if k in PATH_KEYS else getattr(cfg, k)
               for k in RUN_KEYS}
-    content = {f"{k}_content": {f: v for f, v in data.file_identity(getattr(cfg, k)).items() if f != "mtime_ns"}
-               if getattr(cfg, k) else None for k in ("train_data", "pretrain_data")}
-    return {**values, "micro_batches_per_step": run.world * cfg.grad_accum, **content}
+    content = lambda path: {f: v for f, v in data.file_identity(path).items() if f != "mtime_ns"}  # noqa: E731
+    models = {role: {os.path.basename(f): content(f) for f in sorted(glob.glob(os.path.join(d, "*.safetensors")))}
+              for role, d in dirs.items()}
+    data_content = {f"{k}_content": content(getattr(cfg, k)) if getattr(cfg, k) else None
+                    for k in ("train_data", "pretrain_data")}
+    return {**values, "micro_batches_per_step": run.world * cfg.grad_accum, "models_content": models, **data_content}
 
 
 def resume_point(run):

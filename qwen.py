@@ -39,6 +39,13 @@ class CheckpointError(ValueError):
     """A model directory this implementation cannot load (named file, key and reason)."""
 
 
+def finite(tensor, key, file):
+    # a diverged or damaged model would only show later, as NaN samples or scores, naming nothing
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{file}: {key} holds non-finite values (NaN or inf)")
+    return tensor
+
+
 def parse_json(raw, source):
     # config.json, the shard index and each safetensors header: what is not a JSON object stops in one line
     try:
@@ -413,11 +420,7 @@ class Qwen(nn.Module):
         sd = {}
         for file in dict.fromkeys(tensors.values()):  # each file opened once
             with safe_open(file, framework="pt", device=str(device)) as f:
-                sd.update({k: f.get_tensor(k).to(dtype) for k, where in tensors.items() if where == file})
-        # a diverged or damaged model would only show later, as NaN samples or scores, naming nothing
-        bad = next((k for k, t in sd.items() if not torch.isfinite(t).all()), None)
-        if bad:
-            raise CheckpointError(f"{tensors[bad]}: {bad} holds non-finite values (NaN or inf)")
+                sd.update({k: finite(f.get_tensor(k), k, file).to(dtype) for k, where in tensors.items() if where == file})
         if cfg.tie_word_embeddings:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)

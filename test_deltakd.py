@@ -1899,6 +1899,11 @@ def test_out_of_range_flags_are_refused_before_any_work(run_dir, tmp_path):
             deltakd.parse_args([flag, "--on_policy=0.5"])
     one_line_error(cli(run_dir, tmp_path / "out", batch_size=0), "--batch_size=0: must be >= 1")
     one_line_error(cli(run_dir, tmp_path / "out", seed=-1), "--seed=-1: must be in [0, 2**32)")
+    # the smallest temperatures accepted work: the KD term at tau 0.001, on the student's samples at 0.001
+    r = cli(run_dir, tmp_path / "cold", method="fkl", teacher_raw=None, temperature=0.001, on_policy=1,
+            on_policy_temperature=0.001, on_policy_max_new_tokens=4, max_steps=1, eval_size=0)
+    assert r.returncode == 0 and math.isfinite(json.loads(open(tmp_path / "cold" / "metrics.jsonl").readline())["loss"])
+    shutil.rmtree(tmp_path / "cold")
     assert not (tmp_path / "out").exists()
     (tmp_path / "tokenizer.json").write_text('{"model": ')  # a cut tokenizer.json: named, not the library's traceback
     one_line_error(cli(run_dir, tmp_path / "out", tokenizer=tmp_path / "tokenizer.json"),
@@ -1960,13 +1965,21 @@ def test_a_resumed_run_is_the_same_run_bit_exact_and_a_damaged_newest_checkpoint
     # (an sft run also reads no raw model and no alpha, and fixes lam at 1: the run's settings as resolve made them)
     one_line_error(cli(run_dir, out, resume=True, method="sft", batch_size=4, **common),
                    "differs from the one in", "method ('delta' -> 'sft')", "batch_size (2 -> 4)", "lam (0.5 -> 1.0)",
-                   "alpha (1.0 -> None)", "--resume_allow=alpha,batch_size,divergence,lam,method,student_raw,teacher_raw,"
-                   "temperature ")
+                   "alpha (1.0 -> None)", "--resume_allow=alpha,batch_size,divergence,lam,method,models_content,student_raw,"
+                   "teacher_raw,temperature ")
     for key, value in (("seed", 7), ("alpha", 0.5), ("max_len", 128), ("grad_accum", 2), ("temperature", 2.0),
                        ("train_data", shutil.copy(run_dir / "train.jsonl", tmp_path / "moved.jsonl"))):
         line = one_line_error(cli(run_dir, out, resume=True, **{**common, key: value}), "differs from the one in")
         assert line.count(" -> ") == 1 and ("micro_batches_per_step" if key == "grad_accum" else key) in line
         assert ("--grad_accum=1 keeps its global batch on 1 process(es)" in line) == (key == "grad_accum")
+    # another teacher's weights in the same directory: the same path, another run
+    swapped = tmp_path / "teacher_ft"
+    shutil.copytree(run_dir / "teacher_ft", swapped)
+    r = cli(run_dir, tmp_path / "swap", teacher_ft=swapped, **dict(common, max_steps=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copy(run_dir / "teacher_raw" / "model.safetensors", swapped / "model.safetensors")  # same shapes
+    one_line_error(cli(run_dir, tmp_path / "swap", resume=True, teacher_ft=swapped, **common),
+                   "models_content.teacher_ft.model.safetensors.sha256_ends")
     changed = tmp_path / "train.jsonl"  # other data, under any name
     changed.write_text(open(run_dir / "train.jsonl").read() + json.dumps(data.read_rows(GSM8K)[60]) + "\n")
     one_line_error(cli(run_dir, out, resume=True, train_data=changed, **common), "train_data_content.size")
@@ -2692,7 +2705,8 @@ def test_the_demo_pipeline_runs_every_stage_writes_the_table_and_reruns_identica
     assert recipe("student-ft") == recipe("teacher-ft") and len(recipe("teacher-ft")) == 60
     runs = [json.load(open(os.path.join(deltakd.checkpoints(str(tmp_path / s))[-1], "run.json")))
             for s in ("teacher-ft", "student-ft")]
-    assert {k for k, v in runs[0]["identity"].items() if runs[1]["identity"][k] != v} == {"student", "teacher_ft"}
+    assert {k for k, v in runs[0]["identity"].items() if runs[1]["identity"][k] != v} == {"student", "teacher_ft",
+                                                                                           "models_content"}
     assert {k for k, v in runs[0]["config"].items() if runs[1]["config"][k] != v} == {"student", "teacher_ft", "out_dir"}
     teacher_answers = [json.loads(x) for x in open(tmp_path / "teacher-ft" / "eval-final.jsonl")]
     refs = [a["reference"] for a in teacher_answers]

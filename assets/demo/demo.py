@@ -6,7 +6,7 @@ student on the other half (SFT, forward KL, Delta-KD), finetunes the raw student
 the paper's premise), and scores every model on held-out problems and every target against pi_s^ft, into
 out_dir/results.md and results.json. docs/demo.md says why it is built this way.
 
-    python assets/demo/demo.py                                   # one seed, ~4.5 min on 2 cores, into out/
+    python assets/demo/demo.py                                   # one seed, ~4-5 min on 2 cores, into out/
     python assets/demo/demo.py --full_comparison=true --out_dir=out-full   # 3 seeds, RKL, SeqKD, MiniLLM, ...
     python assets/demo/demo.py --demo_raw_models=my-raw          # on raw models pretrain.py made
 
@@ -30,7 +30,6 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
 
 import data  # noqa: E402
 import deltakd  # noqa: E402
@@ -107,7 +106,7 @@ def demo(cfg, comparison):
                          f"make them with `python assets/demo/pretrain.py {raw} --seeds={','.join(map(str, seeds))}`")
     os.makedirs(root, exist_ok=True)
     print(f"demo: the whole method on bundled data, into {root}/ (README, docs/demo.md)")
-    tok = Tokenizer.from_file(os.path.join(raw, "tokenizer.json"))
+    tok = data.read_tokenizer(os.path.join(raw, "tokenizer.json"))
     task = [demo_task(r) for r in data.read_rows(DEMO.task_data)]
     train_rows, eval_rows = data.split_rows(task, DEMO.eval_size, cfg.seed)
     # the teacher is finetuned on half the training problems and the students distilled on the other half: on
@@ -185,10 +184,10 @@ def demo_seed(cfg, comparison, seed, results):
         print(f"  seed {seed} {name:<22} {time.time() - t0:5.1f}s  " +
               " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "entropy", "distinct") if k in scores))
     # the premise: pi_s^ft against every target and student, on the held-out problems and as many distillation ones
-    t0, tok = time.time(), Tokenizer.from_file(os.path.join(raw, "tokenizer.json"))
+    t0, tok = time.time(), data.read_tokenizer(os.path.join(raw, "tokenizer.json"))
     models = {"raw-student": raw_student, "raw-teacher": raw_teacher,  # and every trained stage's last checkpoint
               **{name: deltakd.checkpoint_dir(os.path.join(root, name), kw["max_steps"])
-                 for name, kw in stages if "max_steps" in kw}}
+                 for name, kw in stages if not kw.get("eval_only")}}
     problems = {"held_out": data.read_rows(task_eval), "distill": data.read_rows(task_distill)[:DEMO.eval_size]}
     for target, kl in demo_premise(models, problems, tok, cfg.system_prompt).items():
         results["premise"].setdefault(target, {})[seed] = kl
@@ -200,13 +199,15 @@ def demo_seed(cfg, comparison, seed, results):
 def demo_premise(models, problems, tokenizer, system_prompt):
     """The premise, teacher-forced along the references (tau = 1), per reference token: {target: {problems:
     KL(pi_s^ft || target)}}, for the raw student, the finetuned teacher (pi* at alpha = 0, forward KL's target), pi*
-    at each of DEMO.premise_alphas (deltakd.target_logits, the training target's formula) and every distilled
+    at each of DEMO.premise_alphas (deltakd.target_weights and target_logits: the training target's) and every distilled
     student. models: {name: checkpoint dir} of "raw-student", "raw-teacher", "teacher-ft", "student-ft" (pi_s^ft)
     and the distilled "student-*"; problems: {name: chat rows}."""
     models = {name: deltakd.qwen.Qwen.from_pretrained(path, dtype=torch.float32).eval() for name, path in models.items()}
     finetuned_student, vocab = models.pop("student-ft"), tokenizer.get_vocab_size()
+    role = {"teacher_ft": "teacher-ft", "student_raw": "raw-student", "teacher_raw": "raw-teacher"}  # -> models' names
     targets = {"raw-student": {"raw-student": 1.0}, "teacher-ft": {"teacher-ft": 1.0},
-               **{f"pi*-a{a:g}": {"teacher-ft": 1.0, "raw-student": a, "raw-teacher": -a} for a in DEMO.premise_alphas},
+               **{f"pi*-a{a:g}": {role[r]: w for r, w in deltakd.target_weights("fkl", a).items()}
+                  for a in DEMO.premise_alphas},
                **{name: {name: 1.0} for name in models if name.startswith("student-")}}
     kl, B = {name: {} for name in targets}, DEMO.premise_batch_size
     for problem_set, rows in problems.items():
