@@ -1601,6 +1601,9 @@ class Preemption:
 def eval_only(run):
     """--eval_only: a given model (a base model, a teacher), scored as every trained one is, and no training."""
     cfg = run.cfg
+    if os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):  # a run's record, or an earlier evaluation's
+        raise SystemExit(f"--eval_only: --out_dir={cfg.out_dir} holds a run's metrics.jsonl and evaluation, which this "
+                         "one would overwrite; pass another --out_dir")
     model = qwen.Qwen.from_pretrained(cfg.student, dtype=torch.float32, device=run.device)
     examples = data.eval_examples(data.read_rows(cfg.eval_data), run.tokenizer, cfg.max_len, cfg.system_prompt)
     scores = Evaluation(run, examples, {}, Log(run))(model, 0, "final")

@@ -1453,6 +1453,12 @@ def test_eval_only_scores_a_checkpoint_as_its_training_run_did_and_needs_no_trai
     assert not deltakd.checkpoints(str(tmp_path / "eval"))
     with pytest.raises(SystemExit, match="--eval_only needs --eval_data"):
         deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "eval", student=ckpt, eval_only=True)))
+    # into the training run's out_dir (or an earlier evaluation's): refused, its files untouched
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.jsonl", "eval-final.jsonl")}
+    for out in ("run", "eval"):
+        r = cli(run_dir, tmp_path / out, student=ckpt, eval_only=True, train_data="", **common)
+        one_line_error(r, f"--eval_only: --out_dir={tmp_path / out} holds a run's metrics.jsonl")
+    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.jsonl", "eval-final.jsonl")}
 
 
 def test_teacher_forced_scores_equal_a_per_example_float64_reference(run_dir, tokenizer):
