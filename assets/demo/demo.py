@@ -120,7 +120,7 @@ def demo(cfg, comparison):
             f.writelines(json.dumps(r) + "\n" for r in rows)
     results = {"methods": {}, "premise": {}}  # stage -> {seed: scores}; target -> {seed: {problems: KL}}
     for seed in seeds:
-        demo_seed(cfg, comparison, seed, results)
+        demo_seed(cfg, comparison, seed, results, tok)
     refs, methods = [r["messages"][1]["content"] for r in eval_rows], results["methods"]
     for name, preds in trivial_baselines(distill_rows, eval_rows).items():
         methods[f"baseline: {name}"] = {"-": {**deltakd.rouge_f1(refs, preds), **rouge.answer_sanity(preds)}}
@@ -137,9 +137,9 @@ def demo(cfg, comparison):
     return results
 
 
-def demo_seed(cfg, comparison, seed, results):
+def demo_seed(cfg, comparison, seed, results, tok):
     # every stage of the demo for one seed, each one's scores added to results["methods"][name][seed], then the
-    # premise figures of its models to results["premise"][target][seed]
+    # premise figures of its models to results["premise"][target][seed]; tok: the raw models' tokenizer
     full, raw = comparison.full, comparison.raw_models or DEMO.raw_models
     root = os.path.join(cfg.out_dir, f"seed{seed}") if full else cfg.out_dir
     raw_teacher, raw_student = demo_raw_model(raw, seed, "teacher"), demo_raw_model(raw, seed, "student")
@@ -184,7 +184,7 @@ def demo_seed(cfg, comparison, seed, results):
         print(f"  seed {seed} {name:<22} {time.time() - t0:5.1f}s  " +
               " ".join(f"{k} {scores[k]:.4f}" for k in ("rougeL", "sampled_rougeL", "nll", "entropy", "distinct") if k in scores))
     # the premise: pi_s^ft against every target and student, on the held-out problems and as many distillation ones
-    t0, tok = time.time(), data.read_tokenizer(os.path.join(raw, "tokenizer.json"))
+    t0 = time.time()
     models = {"raw-student": raw_student, "raw-teacher": raw_teacher,  # and every trained stage's last checkpoint
               **{name: deltakd.checkpoint_dir(os.path.join(root, name), kw["max_steps"])
                  for name, kw in stages if not kw.get("eval_only")}}
