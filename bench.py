@@ -11,7 +11,10 @@ what a stored top-K target costs in accuracy.
     python bench.py onpolicy                          # with trl installed (the .[bench] extra) also vs TRL's GKD
 
 - forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
-- generate: greedy, batch 8, 128 new tokens, left-padded prompts of different lengths, vs HF generate.
+- generate: greedy, batch 1 and 8, 64-token prompts, 128 new tokens, 108M and Qwen2.5-0.5B, fp32 and bf16, vs HF
+            generate eager and with a static cache + torch.compile; the bandwidth floor as a fraction reached.
+- exits:    2-rank torchrun jobs (MiniLLM, on-policy, on-policy stopped by SIGTERM), --runs=N (30) times each:
+            how many exit 0 with a checkpoint (a rare abort at exit once made finished runs fail).
 - loss:     chunked vs dense Delta-KD loss + backward from hidden states at vocab 151,936, hidden 1,536
             (time in this process; peak memory of each in its own child process, from VmHWM).
 - liger:    the chunked loss vs Liger-Kernel's fused linear forward KL, eager and compiled (pip install -e '.[bench]').
@@ -42,6 +45,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +71,7 @@ ULTRACHAT = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl
 
 USAGE = """python bench.py [NAME ...] [--out=FILE] [--demo_out=DIR] [--data_rows=N]
        python bench.py --gpu [--out=FILE]
-NAME: forward generate loss liger rouge step compile onpolicy data topk (default: all of them); topk reads
+NAME: forward generate loss liger rouge step compile onpolicy data topk exits (default: all of them); topk reads
 the demo run in DIR (default out/, made by `python assets/demo/demo.py`) and is skipped without one; onpolicy's row
 against TRL needs trl (pip install -e '.[bench]')"""
 
@@ -151,42 +155,67 @@ def bench_forward():
     return rows
 
 
-def bench_generate():
-    rows = []
-    demo_teacher = arch(os.path.join(demo.demo_raw_model(demo.DEMO.raw_models, deltakd.Config().seed, "teacher"),
-                                     "config.json"), max_position_embeddings=4096)
-    batch, new, lengths = 8, 128, (16, 23, 31, 40, 48, 55, 60, 64)
-    # bf16 is how Qwen checkpoints ship; at 108M on 2 cores both sides wait on the lm_head GEMV
-    for name, cfg, dtype in [("the demo's raw teacher", demo_teacher, torch.float32), ("mini", MINI, torch.bfloat16),
-                             ("mini", MINI, torch.float32)]:
-        hf, ours = hf_and_ours(cfg)
-        hf, ours = hf.to(dtype), ours.to(dtype)
-        g = torch.Generator().manual_seed(0)
-        V = min(cfg["vocab_size"], 151665)
-        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
-        P = max(map(len, prompts))
-        ids = torch.zeros(batch, P, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
-        eos, out = V - 1, {}
+def read_bandwidth(gib=1.0):
+    # bytes/s this machine reads memory at: the best of 5 sums over a buffer far larger than the caches
+    x = torch.ones(int(gib * 2**30) // 4)
+    return x.numel() * 4 / min(timed(x.sum)[0] for _ in range(5))
 
-        def run_hf():
-            out["hf"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                    eos_token_id=eos, pad_token_id=0)[:, P:].tolist()
 
-        def run_ours():
-            out["ours"] = ours.generate(prompts, new, eos_token_id=eos, vocab_limit=V)
-        with torch.no_grad():
-            t = timeit({"transformers": run_hf, "deltakd": run_ours}, repeats=3)
-        rate_hf = sum(len(r) for r in out["hf"]) / t["transformers"]
-        rate = sum(len(r) for r in out["ours"]) / t["deltakd"]
-        same = sum(o == h[:len(o)] for o, h in zip(out["ours"], out["hf"]))
-        rows.append(Row("generation", "transformers `generate`, same weights",
-                        f"{name} ({qwen.num_parameters(ours) / 1e6:.1f}M params), {dtype_name(dtype)}, greedy, batch "
-                        f"{batch}, {new} new tokens, prompts of {min(lengths)}-{max(lengths)} tokens; median of 3",
-                        f"{rate:.0f} vs {rate_hf:.0f} tok/s: **{rate / rate_hf:.2f}x** the speed "
-                        f"({same} of {batch} sequences identical)"))
+def decode_bytes(model, batch, kv_tokens):
+    # what one decoding step must read: every weight but the embedding table (a lookup of `batch` rows; a tied
+    # table is read whole as the lm_head) and the keys and values of kv_tokens positions per row
+    c, itemsize = model.config, model.lm_head.weight.element_size()
+    untied = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    return (qwen.num_parameters(model) - untied) * itemsize + qwen.kv_cache_bytes(c, batch * kv_tokens, itemsize)
+
+
+def bench_generate(prompt=64, new=128, repeats=2):
+    """qwen.generate vs transformers' generate, eager and at its best (a static cache and torch.compile), greedy,
+    same weights, at ~100M (MINI) and the real Qwen2.5-0.5B config, fp32 and bf16, batch 1 and 8; with the
+    bandwidth floor: one step's bytes (decode_bytes, with the mean filled KV length) at the measured read bandwidth,
+    as a fraction of qwen.generate's time per token."""
+    import transformers
+    cc = transformers.CompileConfig(mode="default")  # no CUDA graphs on a CPU
+    cc._compile_all_devices = True  # transformers compiles its static-cache decoding only on accelerators otherwise
+    bandwidth, rows = read_bandwidth(), []
+    configs = [("mini", MINI), ("Qwen2.5-0.5B", arch(os.path.join(QWEN_CONFIGS, "Qwen2.5-0.5B", "config.json")))]
+    for name, cfg in configs:
+        hf32, ours32 = hf_and_ours(cfg)
+        for dtype in (torch.float32, torch.bfloat16):
+            hf, ours = hf32.to(dtype), ours32.to(dtype)
+            for batch in (1, 8):
+                g = torch.Generator().manual_seed(0)
+                prompts = torch.randint(0, 151665, (batch, prompt), generator=g)
+                hf_args = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+                out, compiled = {}, ours.compile_decoding().compiled_decode
+
+                def run_ours(decode):  # qwen.generate with decode_step eager or compiled
+                    ours.compiled_decode = decode
+                    out[decode] = ours.generate(prompts.tolist(), new, eos_token_id=151665, vocab_limit=151665)
+                fns = {"transformers": lambda: out.update(hf=hf.generate(**hf_args)[:, prompt:].tolist()),
+                       "transformers static+compile": lambda: hf.generate(**hf_args, cache_implementation="static",
+                                                                          compile_config=cc),
+                       "deltakd": lambda: run_ours(None), "deltakd compiled": lambda: run_ours(compiled)}
+                with torch.no_grad():
+                    t = timeit(fns, repeats=repeats)
+                rate = {k: batch * new / v for k, v in t.items()}
+                floor = decode_bytes(ours, batch, prompt + new // 2) / bandwidth
+                same = sum(o == h for o, h in zip(out[None], out["hf"]))
+                same_compiled = sum(o == c for o, c in zip(out[None], out[compiled]))
+                best = max(rate["transformers"], rate["transformers static+compile"])
+                rows.append(Row("generation", "transformers `generate`: eager / static cache + torch.compile",
+                                f"{name} ({qwen.num_parameters(ours) / 1e6:.0f}M), {dtype_name(dtype)}, greedy, batch "
+                                f"{batch}, {prompt}-token prompts, {new} new tokens; median of {repeats}",
+                                f"{rate['deltakd']:.1f} (compiled {rate['deltakd compiled']:.1f}) vs "
+                                f"{rate['transformers']:.1f} / {rate['transformers static+compile']:.1f} tok/s: "
+                                f"**{rate['deltakd'] / best:.2f}x** transformers' best; {floor * 1e3:.1f} ms/step floor "
+                                f"at {bandwidth / 1e9:.0f} GB/s: **{floor / (batch / rate['deltakd']):.0%}** of it "
+                                f"({same} of {batch} sequences identical to transformers', {same_compiled} to "
+                                "compiled decoding's)"))
+                print(table_row(["`generate`", *rows[-1]]), file=sys.stderr, flush=True)
+        del hf32, ours32  # (.to converts in place: the bf16 models are these)
+        gc.collect()
     return rows
 
 
@@ -1152,10 +1181,73 @@ def gpu_generate_row(dev, name, batch=16, new=256):
 # -----------------------------------------------------------------------------
 
 
+# the 2-rank recipes a run must leave with exit status 0 from (the rare abort at exit, #32): (flags, SIGTERM to the
+# workers once the job has logged 2 steps, as a scheduler preempts them; torchrun's agent exits 1 on its own SIGTERM)
+EXIT_RECIPES = {"minillm": (["--method=minillm", "--on_policy_max_new_tokens=8", "--max_steps=3"], False),
+                "on-policy": (["--method=fkl", "--on_policy=0.5", "--on_policy_max_new_tokens=8", "--max_steps=3"], False),
+                "on-policy, SIGTERM": (["--method=fkl", "--on_policy=1", "--on_policy_max_new_tokens=8",
+                                        "--max_steps=1000"], True)}
+
+
+def exit_status(argv, out, sigterm):
+    # (exit status, stderr) of a 2-rank torchrun job of deltakd.py
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "deltakd.py", *argv, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = os.path.join(out, "metrics.jsonl")
+    while sigterm and proc.poll() is None and not (os.path.isfile(metrics) and open(metrics).read().count("\n") >= 2):
+        time.sleep(0.02)
+    if sigterm:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:  # the agent's children: the workers
+            for worker in f.read().split():
+                os.kill(int(worker), signal.SIGTERM)
+    stderr = proc.communicate()[1]
+    return proc.returncode, stderr
+
+
+def bench_exits(runs=30):
+    """Each EXIT_RECIPES recipe, run `runs` times as 2-rank torchrun jobs of tiny random models (the real tokenizer,
+    GSM8K rows, a final evaluation of 8 prompts): how many exit 0, leave a checkpoint and print no abort."""
+    root = tempfile.mkdtemp(prefix="bench-exits-")
+    try:
+        shapes = {"student": (32, 151936), "teacher_ft": (48, 152064)}
+        for i, (role, (width, vocab)) in enumerate(shapes.items()):
+            config = qwen.QwenConfig(vocab_size=vocab, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=role == "student")
+            qwen.init_weights(qwen.Qwen(config), seed=i).save_pretrained(os.path.join(root, role))
+        with open(os.path.join(root, "train.jsonl"), "w") as f:
+            f.writelines(line for _, line in zip(range(56), open(os.path.join(HERE, "assets", "data", "gsm8k",
+                                                                              "test.jsonl"))))
+        flags = [f"--{role}={os.path.join(root, role)}" for role in shapes] + [
+            f"--tokenizer={TOKENIZER}", f"--train_data={os.path.join(root, 'train.jsonl')}", "--eval_size=8",
+            "--eval_max_new_tokens=4", "--max_len=160", "--batch_size=2", "--teacher_dtype=float32",
+            f"--cache_dir={os.path.join(root, 'cache')}", "--quiet=true"]
+        rows = []
+        for name, (recipe, sigterm) in EXIT_RECIPES.items():
+            failures, t0 = [], time.time()
+            for k in range(runs):
+                out = os.path.join(root, f"run-{k}")
+                status, stderr = exit_status(flags + recipe, out, sigterm)
+                if status != 0 or "terminate called" in stderr or not deltakd.checkpoints(out):
+                    failures.append(f"run {k + 1}: exit {status}, {stderr.strip().splitlines()[-1:]}")
+                shutil.rmtree(out)
+            seconds = time.time() - t0
+            print(f"exits: {name}: {runs - len(failures)}/{runs} clean in {seconds:.0f} s; {failures}",
+                  file=sys.stderr, flush=True)
+            rows.append(Row(f"2-rank {name} jobs (torchrun, gloo) that exit 0 with a checkpoint", "-",
+                            " ".join(recipe + ["(SIGTERM after 2 steps)"] * sigterm),
+                            f"{runs - len(failures)} of {runs} ({seconds:.0f} s)" + (f"; {failures[0]}" if failures else "")))
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 BENCHES = {"forward": lambda a: bench_forward(), "generate": lambda a: bench_generate(), "loss": lambda a: bench_loss(),
            "liger": lambda a: bench_liger(), "rouge": lambda a: bench_rouge(), "step": lambda a: bench_step(),
            "compile": lambda a: bench_compile(), "onpolicy": lambda a: bench_onpolicy(),
-           "data": lambda a: bench_data(a.data_rows), "topk": lambda a: bench_topk(a.demo_out)}
+           "data": lambda a: bench_data(a.data_rows), "topk": lambda a: bench_topk(a.demo_out),
+           "exits": lambda a: bench_exits(a.runs)}
 
 
 def machine_line(argv):
@@ -1183,6 +1275,7 @@ def main(argv):
     p.add_argument("--out", metavar="FILE", help="append the rows (markdown, under the machine line) to FILE")
     p.add_argument("--demo_out", default="out", metavar="DIR", help="topk: the demo run's directory (default out)")
     p.add_argument("--data_rows", type=int, default=200_000, metavar="N", help="data: rows of the large file")
+    p.add_argument("--runs", type=int, default=30, metavar="N", help="exits: runs of each recipe (default 30)")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHES]
     if unknown or (args.gpu and args.names):

@@ -268,8 +268,35 @@ def usage():
     return "\n".join(lines)
 
 
+# what --eval_only of a deltakd checkpoint takes from its run.json unless given (what the held-out examples, the
+# answers and the teacher-forced figures depend on), so that it scores as that run's final evaluation did
+EVAL_DEFAULTS = ("eval_data", "max_len", "system_prompt", "teacher_ft", "teacher_dtype", "autocast", "seed",
+                 "eval_batch_size", "eval_max_new_tokens", "eval_temperature", "eval_seeds")
+
+
+def checkpoint_defaults(cfg, given):
+    path = os.path.join(cfg.student, "run.json")
+    if not (cfg.eval_only and cfg.student and os.path.isfile(path)):
+        return cfg
+    try:
+        with open(path) as f:
+            theirs = json.load(f)
+        settings = {**theirs["config"], **theirs["identity"]}  # the identity's paths are absolute
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not the run.json of a deltakd checkpoint ({data.first_line(e)})") from None
+    taken = {k: settings[k] for k in EVAL_DEFAULTS if k not in given and settings.get(k) is not None}
+    for key, value in taken.items():
+        setattr(cfg, key, value)
+    if taken and not cfg.quiet and int(os.environ.get("RANK", 0)) == 0:
+        print(f"--eval_only: from {path}, as the run that wrote it evaluated (a flag given overrides): "
+              + " ".join(f"--{k}={v}" for k, v in taken.items()))
+    return cfg
+
+
 def parse_args(argv):
-    return resolve(*parse_flags(argv))  # the run's config: the flags, then each method's settings written in
+    # the run's config: the flags, an evaluated checkpoint's settings, then each method's settings written in
+    cfg, given = parse_flags(argv)
+    return resolve(checkpoint_defaults(cfg, given), given)
 
 # -----------------------------------------------------------------------------
 # the loss. Each formula once: the target's logits, each divergence, the SFT term; the dense
@@ -768,6 +795,10 @@ def check_inputs(cfg):
             raise SystemExit(f"--{role}={path}: vocab_size {n} is smaller than the tokenizer's "
                              f"{tokenizer.get_vocab_size()} tokens")
         configs[role], _ = qwen.check_model_dir(path)  # the headers against config.json and the file sizes
+        if cfg.max_len > configs[role].max_position_embeddings:
+            raise SystemExit(f"--max_len={cfg.max_len} is beyond --{role}={path}'s max_position_embeddings "
+                             f"{configs[role].max_position_embeddings} (its config.json): the positions it was "
+                             "trained on")
     return tokenizer, tok_path, configs
 
 
@@ -1568,14 +1599,19 @@ def parsed_step(line):
         return None
 
 
+class Preempted(Exception):
+    """A signal during the final evaluation, when the last checkpoint is written: the run stops at once."""
+
+
 class Preemption:
     """While the training loop runs, SIGTERM / SIGUSR1 (what SLURM and most clusters send before a kill) and a
     first Ctrl-C (SIGINT) only set a flag: the loop finishes the optimizer step, all ranks agree, a checkpoint
-    is written and the run exits 0, so --resume=true continues bit-exactly. A second Ctrl-C stops at once."""
+    is written and the run exits 0, so --resume=true continues bit-exactly. A second Ctrl-C stops at once.
+    During the final evaluation (finished: the last checkpoint is written) a signal stops the run at once."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __enter__(self):
-        self.requested, self.previous = None, {}
+        self.requested, self.previous, self.finished = None, {}, False
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
             self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
         return self
@@ -1585,6 +1621,8 @@ class Preemption:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
+        if self.finished:
+            raise Preempted(signal.Signals(signum).name)
         if signum == signal.SIGINT:
             if self.requested == "SIGINT":
                 raise KeyboardInterrupt
@@ -1657,7 +1695,8 @@ def train(cfg):
                     evaluation(student.model, step, f"step{step}")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == total:
                     save_checkpoint(run, step, student)
-        scores = evaluation(student.model, step, "final") if evalset else {}
+            preemption.finished = True
+            scores = evaluation(student.model, step, "final") if evalset else {}
         return scores if run.master else {}
 
 # -----------------------------------------------------------------------------
@@ -1748,12 +1787,33 @@ def main(argv):
             train(cfg)
     except (OSError, data.DataError, qwen.CheckpointError) as e:  # bad files, rows, checkpoints: one line
         sys.exit(f"error: {e}")
+    except Preempted as e:  # the run is finished and saved; its final evaluation is what --resume=true reruns
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{e}: stopped the final evaluation; training is finished and saved in "
+                  f"{checkpoints(cfg.out_dir)[-1]} (--resume=true runs the evaluation)", flush=True)
     except KeyboardInterrupt:  # outside the training loop (Preemption), or a second Ctrl-C inside it
         print(f"\ninterrupted (Ctrl-C); {intact_checkpoint(cfg.out_dir)}", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            leave(sys.exc_info()[1])
+
+
+def leave(exc):
+    """Ends a torchrun process that finished, or stopped with its one line (exc: a SystemExit or None), without the
+    interpreter's shutdown: a thread of the process group (gloo's workers) may still be releasing a collective's
+    tensors, and a thread that takes the GIL while the interpreter finalizes aborts the process ("terminate called
+    without an active exception", SIGABRT), so torchrun reports a finished run as failed. Every file is closed by
+    then. Any other exception keeps its traceback."""
+    if exc is not None and not isinstance(exc, SystemExit):
+        return
+    code = exc.code if exc else 0
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if isinstance(code, str) else code or 0)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, cache_pos, k.to(k_cache.dtype))  # under autocast, RoPE's fp32 cos makes k fp32
             v_cache.index_copy_(2, cache_pos, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
+        if T == 1 and cache is not None:  # decoding: each KV head's query heads as one query of G rows; the same
+            # result as enable_gqa (bit for bit in bf16), which expands K and V per head: 11x faster on CPU in bf16
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, -1, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, T, C))
         # mask None means plain causal attention (no padding on the left), which lets SDPA pick flash kernels
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_kv_head)
@@ -253,7 +257,8 @@ class Sampling:
 
 
 def sample(logits, sampling, generator):
-    # logits (B, V) fp32 -> next ids (B,)
+    # logits (B, V), in the activation dtype -> next ids (B,); in fp32 (on CPU, argmax is 2x faster there than in bf16)
+    logits = logits.float()
     if sampling.temperature <= 0:
         return logits.argmax(-1)
     logits = logits / sampling.temperature
@@ -266,7 +271,30 @@ def sample(logits, sampling, generator):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= sampling.top_p
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return draw(logits.softmax(-1), generator)
+
+
+BLOCK = 1024  # ids per block of draw's first level
+
+
+def draw(probs, generator):
+    """One id per row of probs (B, V), id i with probability probs[:, i]: the inverse CDF of one float64 uniform
+    per row, in two levels (the block of BLOCK ids, then the id inside it, each a float64 cumulative sum), so that
+    no token's share is lost to rounding and no (B, V) random tensor is drawn: on CPU, 12x faster than
+    torch.multinomial at Qwen's vocabulary. Ids of probability 0 are never drawn."""
+    B, V = probs.shape
+    blocks = F.pad(probs, (0, -V % BLOCK)).view(B, -1, BLOCK)
+    mass = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, number of blocks)
+    u = torch.rand(B, 1, dtype=torch.float64, device=probs.device, generator=generator) * mass[:, -1:]
+    block = torch.searchsorted(mass, below(u, mass[:, -1:]), right=True)  # (B, 1): the first block past u
+    inner = blocks[torch.arange(B, device=probs.device), block[:, 0]].cumsum(-1, dtype=torch.float64)
+    rest = u - torch.where(block > 0, mass.gather(1, (block - 1).clamp(min=0)), 0.0)
+    return (block * BLOCK + torch.searchsorted(inner, below(rest, inner[:, -1:]), right=True))[:, 0]
+
+
+def below(x, total):
+    # x kept under total (rounding may reach it): the first cumulative sum past it then ends at an id of mass > 0
+    return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
 PAD_ID = 0  # fills left padding and finished rows' slots: masked or trimmed, so its value never matters
@@ -293,7 +321,7 @@ def mixture(logits, sampling, a):
     """log((1 - a) softmax(z / T) + a softmax(z_mix / T)) from [z, z_mix] (B, V): the mixed distribution as
     logits (at T = 1 when greedy)."""
     T = sampling.temperature or 1.0
-    own, other = (F.log_softmax(z / T, dim=-1) for z in logits)
+    own, other = (F.log_softmax(z.float() / T, dim=-1) for z in logits)
     log_weight = [math.log1p(-a) if a < 1 else float("-inf"), math.log(a) if a > 0 else float("-inf")]
     return torch.logaddexp(own + log_weight[0], other + log_weight[1])
 
@@ -315,6 +343,7 @@ class Qwen(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.compiled_decode = None  # compile_decoding's decode_step
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, mask=None, cache=None, cache_pos=None):
         """Final-norm hidden states (B, T, hidden_size), without the lm_head: the one path through the
@@ -360,10 +389,12 @@ class Qwen(nn.Module):
             raise ValueError("generate: every prompt needs at least one token")
         dev = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
-        ids, key_mask = (t.to(dev) for t in left_pad(prompts, P + max_new_tokens))
+        L = P + max_new_tokens
+        L += -L % 64 if self.compiled_decode else 0  # a compiled decode_step sees few cache lengths
+        ids, key_mask = (t.to(dev) for t in left_pad(prompts, L))
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
         models = [self] + ([mix_in[0]] if mix_in else [])
-        caches = [m.empty_kv_cache(B, P + max_new_tokens) for m in models]
+        caches = [m.empty_kv_cache(B, L) for m in models]
         gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
         pick = mixed_sampling(sampling) if mix_in else sampling  # how each next token is drawn
         V = vocab_limit or self.config.vocab_size
@@ -371,7 +402,7 @@ class Qwen(nn.Module):
         # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
         pos_ids = position_ids_from_mask(key_mask[:, :P])
         logits = [F.linear(m.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=c,
-                                           cache_pos=torch.arange(P, device=dev))[:, -1], m.lm_head.weight[:V]).float()
+                                           cache_pos=torch.arange(P, device=dev))[:, -1], m.lm_head.weight[:V])
                   for m, c in zip(models, caches)]  # (B, V) each: the real vocabulary only
         out = torch.full((B, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -386,8 +417,9 @@ class Qwen(nn.Module):
                 break
             key_mask[:, P + n] = True
             pos_ids = pos_ids + 1
-            logits = [m.decode_step(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
-                                    torch.tensor([P + n], device=dev), V) for m, c in zip(models, caches)]
+            logits = [(m.compiled_decode or m.decode_step)(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
+                                                           torch.tensor([P + n], device=dev), V)
+                      for m, c in zip(models, caches)]
         return cut_after_eos(out[:, :n + 1].tolist(), set(eos.tolist()))
 
     def empty_kv_cache(self, B, L):
@@ -400,11 +432,21 @@ class Qwen(nn.Module):
         like = dict(device=dev, dtype=dtype)
         return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers]
 
+    def compile_decoding(self):
+        """generate then decodes with decode_step compiled (torch.compile, fixed shapes: once per batch size and cache
+        length, the length rounded up to a multiple of 64; on CUDA in reduce-overhead mode, not yet run on a GPU).
+        In fp32 its greedy tokens equal the eager path's (tested); in bf16 fused kernels round otherwise and may
+        flip a near tie."""
+        mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None
+        self.compiled_decode = torch.compile(self.decode_step, dynamic=False, mode=mode)
+        return self
+
     def decode_step(self, x, position_ids, mask, cache, cache_pos, vocab_limit):
         """One token per row: x (B, 1), position_ids (B, 1), mask (B, 1, 1, L) over the cache slots,
-        cache_pos (1,) the slot to write. Returns fp32 logits (B, vocab_limit). Every shape is fixed."""
+        cache_pos (1,) the slot to write. Returns logits (B, vocab_limit) in the activation dtype. Every shape is
+        fixed."""
         h = self.hidden_states(x, position_ids=position_ids, mask=mask, cache=cache, cache_pos=cache_pos)
-        return F.linear(h[:, -1], self.lm_head.weight[:vocab_limit]).float()
+        return F.linear(h[:, -1], self.lm_head.weight[:vocab_limit])
 
     # -------------------------------------------------------------------------
     # loading and saving Hugging Face checkpoints

@@ -56,7 +56,7 @@ def hf_model(tmp_path, name, tie, n_head, n_kv, vocab=300, shard=None, seed=0, h
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=n_head * hidden_per_head, intermediate_size=72,
                                    num_hidden_layers=layers, num_attention_heads=n_head, num_key_value_heads=n_kv,
-                                   tie_word_embeddings=tie, max_position_embeddings=128, rope_theta=10000.0)
+                                   tie_word_embeddings=tie, max_position_embeddings=4096, rope_theta=10000.0)
     m = transformers.Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # HF zero-inits biases; random ones make the q/k/v bias path count
         for layer in m.model.layers:
@@ -164,6 +164,7 @@ def test_greedy_generation_equals_transformers_on_left_padded_batch(tmp_path):
         end = next((i + 1 for i, tok in enumerate(t) if tok in eos), len(t))
         assert o == t[:end]
     assert any(len(o) < 24 for o in ours)
+    assert model.compile_decoding().generate(prompts, 24, eos_token_id=eos) == ours  # decode_step compiled
 
 
 def test_sampling_is_seeded_and_never_emits_padded_vocab_rows(tmp_path):
@@ -179,6 +180,22 @@ def test_sampling_is_seeded_and_never_emits_padded_vocab_rows(tmp_path):
     assert a == b and a != c
     assert max(max(r) for r in a + c + g) < 250
     assert max(max(r) for r in model.generate(prompts, 4, eos_token_id=[299])) >= 250  # the limit did the work
+
+
+def test_the_sampler_draws_each_id_with_its_softmax_probability():
+    # a chi-square test (5 degrees of freedom) of qwen.sample at temperature 2 over 6 ids spread across 3 of draw's
+    # blocks, at both ends of a block, among ids of probability 0, which must never be drawn
+    V, n = 3 * qwen.BLOCK + 5, 20_000
+    ids = torch.tensor([0, 7, qwen.BLOCK - 1, qwen.BLOCK, 2 * qwen.BLOCK + 300, V - 1])
+    p = torch.tensor([0.05, 0.3, 0.15, 0.1, 0.25, 0.15], dtype=torch.float64)
+    logits = torch.full((500, V), float("-inf"))
+    logits[:, ids] = 2 * p.log().float()
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.cat([qwen.sample(logits, qwen.Sampling(temperature=2.0), g) for _ in range(n // 500)])
+    counts = torch.bincount(drawn, minlength=V).double()
+    assert counts[ids].sum() == n
+    chi2 = ((counts[ids] - n * p) ** 2 / (n * p)).sum().item()
+    assert chi2 < 20.52, chi2  # the 0.1% critical value: a sampler off by one id or one block fails by far
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -1438,21 +1455,32 @@ def test_the_evaluation_teacher_is_read_once_per_run(run_dir, tmp_path, monkeypa
     assert loads.count(str(run_dir / "teacher_ft")) == 1
 
 
-def test_eval_only_scores_a_checkpoint_as_its_training_run_did_and_needs_no_training_data(run_dir, tmp_path):
+def test_eval_only_scores_a_checkpoint_as_its_training_run_did_and_needs_no_training_data(run_dir, tmp_path, capsys):
     (tmp_path / "eval.jsonl").write_text("".join(open(run_dir / "train.jsonl").readlines()[:6]))
     common = dict(eval_data=tmp_path / "eval.jsonl", eval_size=None, eval_temperature=1, eval_seeds=2)
-    trained = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "run", max_steps=2, method="fkl", **common)))
+    trained = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "run", max_steps=2, method="fkl", max_len=96,
+                                                    eval_max_new_tokens=6, eval_batch_size=3, seed=7, **common)))
     ckpt = deltakd.checkpoints(str(tmp_path / "run"))[-1]
     # the default method is Delta-KD, yet no raw model (here a path that does not exist) and no training data
-    # is needed: only the model scored and the finetuned teacher of the teacher-forced KL
+    # is needed: only the model scored and the finetuned teacher of the teacher-forced KL. What the scores depend
+    # on (the held-out file, max_len, the teacher, the generation settings, the seed) comes from the checkpoint's
+    # run.json: none of it is given here
+    own = dict(teacher_ft=None, max_len=None, eval_max_new_tokens=None, eval_size=None, quiet=False)
     scored = deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "eval", student=ckpt, eval_only=True,
-                                                   train_data="", teacher_raw=tmp_path / "missing", **common)))
+                                                   train_data="", teacher_raw=tmp_path / "missing", **own)))
     assert scored == trained and "kl_teacher" in scored
     for f in ("eval-final.jsonl", "eval-final-sampled.jsonl"):
         assert (tmp_path / "run" / f).read_text() == (tmp_path / "eval" / f).read_text()
     assert not deltakd.checkpoints(str(tmp_path / "eval"))
-    with pytest.raises(SystemExit, match="--eval_only needs --eval_data"):
-        deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "eval", student=ckpt, eval_only=True)))
+    taken = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--eval_only: from"))
+    assert f"--eval_data={tmp_path / 'eval.jsonl'}" in taken and "--max_len=96" in taken and "--seed=7" in taken
+    # a flag given overrides it
+    cfg = deltakd.parse_args(args(run_dir, tmp_path / "eval", student=ckpt, eval_only=True, eval_max_new_tokens=3,
+                                        eval_size=None))
+    assert (cfg.eval_max_new_tokens, cfg.max_len, cfg.eval_seeds) == (3, 160, 2)
+    with pytest.raises(SystemExit, match="--eval_only needs --eval_data"):  # a model that is not a checkpoint
+        deltakd.train(deltakd.parse_args(args(run_dir, tmp_path / "eval", student=run_dir / "student",
+                                              eval_only=True)))
     # into the training run's out_dir (or an earlier evaluation's): refused, its files untouched
     before = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.jsonl", "eval-final.jsonl")}
     for out in ("run", "eval"):
@@ -1750,6 +1778,17 @@ def test_sigterm_to_a_two_rank_job_checkpoints_exits_cleanly_and_resumes_bit_exa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_two_rank_jobs_exit_0_without_the_interpreters_shutdown_and_a_refusal_keeps_its_line(run_dir, tmp_path):
+    # the rare abort at exit: `python bench.py exits` runs each of its recipes 30 times (docs/benchmarks.md), here once
+    import bench
+    rows = bench.bench_exits(runs=1)
+    assert [r.result.split(" (")[0] for r in rows] == ["1 of 1"] * len(bench.EXIT_RECIPES), rows
+    # a refusal after the process group is up (deltakd.leave): its line from every rank, exit status 1
+    r = run_one_thread(args(run_dir, tmp_path / "out", train_data=tmp_path / "missing.jsonl"), nproc=2)
+    assert r.returncode != 0 and r.stderr.count(f"--train_data={tmp_path / 'missing.jsonl'}: no such file") == 2, \
+        r.stderr[-3000:]
+
+
 def test_dry_run_plans_the_paper_run_from_the_configs_alone(capsys, monkeypatch):
     A = os.path.join(ASSETS, "qwen2.5")
     argv = [f"--student={A}/Qwen2.5-1.5B", f"--teacher_ft={A}/Qwen2.5-7B-Instruct", f"--teacher_raw={A}/Qwen2.5-7B",
@@ -1925,6 +1964,14 @@ def test_damaged_model_files_stop_the_run_in_one_line_before_the_data_is_tokeniz
     assert not (out / "cache").exists()
     (bad / "config.json").write_text('{"model_type": "qwen2",')
     one_line_error(cli(run_dir, out, teacher_ft=bad), f"{bad / 'config.json'}: not valid JSON")
+    # a model that was trained on fewer positions than --max_len (the args' 160)
+    short = tmp_path / "short"
+    shutil.copytree(run_dir / "teacher_raw", short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 100}))
+    one_line_error(cli(run_dir, out, teacher_raw=short), f"--max_len=160 is beyond --teacher_raw={short}'s "
+                   "max_position_embeddings 100 (its config.json)")
+    assert not (out / "cache").exists()
 
 
 def test_damaged_caches_and_shards_are_rebuilt_with_a_message(run_dir, tmp_path):
@@ -2063,6 +2110,29 @@ def test_ctrl_c_finishes_the_step_and_checkpoints_and_a_second_one_stops_at_once
     assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert "interrupted (Ctrl-C); no checkpoint has been written yet" in stderr, stderr[-3000:]
     assert not deltakd.checkpoints(str(tmp_path / "twice")) and not list((tmp_path / "twice").glob(".tmp-*"))
+
+
+def test_a_signal_during_the_final_evaluation_stops_it_at_once_and_resume_runs_it(run_dir, tmp_path):
+    # the final evaluation made slow; the last checkpoint is written before it begins, so nothing is left to save
+    slow = ("import sys, time, deltakd; evaluate = deltakd.evaluate\n"
+            "def slow(run, *a):\n    open(run.cfg.out_dir + '/evaluating', 'w').close(); time.sleep(100)\n"
+            "deltakd.evaluate = slow\ndeltakd.main(sys.argv[1:])")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args(run_dir, out, max_steps=2)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "evaluating").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and not stderr, stderr[-3000:]
+    assert f"SIGTERM: stopped the final evaluation; training is finished and saved in {out / 'ckpt-0000002'} " \
+           "(--resume=true runs the evaluation)" in stdout, stdout
+    assert not (out / "eval-final.jsonl").exists()
+    r = cli(run_dir, out, max_steps=2, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r.get("step") for r in records] == [1, 2, 2] and "rougeL" in records[-1]["eval"]
 
 
 @pytest.mark.parametrize("limit_mb", [30, 5])  # trainer_state.pt (~40 MB) fails; model.safetensors (~20 MB) fails
