@@ -13,6 +13,7 @@ what a stored top-K target costs in accuracy.
 - forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
 - generate: greedy, batch 1 and 8, 64-token prompts, 128 new tokens, 108M and Qwen2.5-0.5B, fp32 and bf16, vs HF
             generate eager and with a static cache + torch.compile; the bandwidth floor as a fraction reached.
+- decode:   a decoding step's lm_head (qwen.project vs F.linear) and sampled token (qwen.draw vs torch.multinomial).
 - exits:    2-rank torchrun jobs (MiniLLM, on-policy, on-policy stopped by SIGTERM), --runs=N (30) times each:
             how many exit 0 with a checkpoint (a rare abort at exit once made finished runs fail).
 - loss:     chunked vs dense Delta-KD loss + backward from hidden states at vocab 151,936, hidden 1,536
@@ -55,6 +56,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import deltakd
@@ -71,7 +73,7 @@ ULTRACHAT = os.path.join(HERE, "assets/data/ultrachat_200k/ultrachat_small.jsonl
 
 USAGE = """python bench.py [NAME ...] [--out=FILE] [--demo_out=DIR] [--data_rows=N]
        python bench.py --gpu [--out=FILE]
-NAME: forward generate loss liger rouge step compile onpolicy data topk exits (default: all of them); topk reads
+NAME: forward generate decode loss liger rouge step compile onpolicy data topk exits (default: all of them); topk reads
 the demo run in DIR (default out/, made by `python assets/demo/demo.py`) and is skipped without one; onpolicy's row
 against TRL needs trl (pip install -e '.[bench]')"""
 
@@ -216,6 +218,32 @@ def bench_generate(prompt=64, new=128, repeats=2):
                 print(table_row(["`generate`", *rows[-1]]), file=sys.stderr, flush=True)
         del hf32, ours32  # (.to converts in place: the bf16 models are these)
         gc.collect()
+    return rows
+
+
+def bench_decode(repeats=7):
+    """Two parts of each decoding step against their plain torch forms, at Qwen's 151,665 real tokens: qwen.project
+    vs F.linear for the fp32 lm_head (hidden sizes of MINI, Qwen2.5-0.5B and 1.5B, random weights; in bf16
+    project is F.linear), and qwen.draw vs torch.multinomial for the sampled token (softmax of random logits)."""
+    rows, V, g = [], 151665, torch.Generator().manual_seed(0)
+    for C in (MINI["hidden_size"], 896, 1536):
+        W = torch.randn(V, C, generator=g) * 0.02
+        for batch in (1, 4, 8):
+            h = torch.randn(batch, C, generator=g)
+            t = timeit({"F.linear": lambda: F.linear(h, W), "project": lambda: qwen.project(h, W)}, repeats)
+            gap = (qwen.project(h, W).double() - F.linear(h.double(), W.double())).abs().max().item()
+            rows.append(Row("lm_head of a decoding step", "`F.linear` (as transformers)",
+                            f"V {V:,}, C {C:,}, fp32, batch {batch}; median of {repeats}",
+                            f"`qwen.project` {t['project'] * 1e3:.1f} vs {t['F.linear'] * 1e3:.1f} ms: **"
+                            f"{t['F.linear'] / t['project']:.2f}x** the speed ({W.nbytes / t['project'] / 1e9:.0f} "
+                            f"GB/s); {gap:.1e} from float64"))
+    for batch in (1, 8):
+        probs = (3 * torch.randn(batch, V, generator=g)).softmax(-1)
+        t = timeit({"multinomial": lambda: torch.multinomial(probs, 1, generator=g),
+                    "draw": lambda: qwen.draw(probs, torch.rand(batch, 1, dtype=torch.float64, generator=g))}, repeats)
+        rows.append(Row("sampled token", "`torch.multinomial(probs, 1)`", f"V {V:,}, fp32 probabilities, batch "
+                        f"{batch}; median of {repeats}", f"`qwen.draw` {t['draw'] * 1e3:.2f} vs "
+                        f"{t['multinomial'] * 1e3:.2f} ms: **{t['multinomial'] / t['draw']:.1f}x** the speed"))
     return rows
 
 
@@ -1243,7 +1271,8 @@ def bench_exits(runs=30):
         shutil.rmtree(root, ignore_errors=True)
 
 
-BENCHES = {"forward": lambda a: bench_forward(), "generate": lambda a: bench_generate(), "loss": lambda a: bench_loss(),
+BENCHES = {"forward": lambda a: bench_forward(), "generate": lambda a: bench_generate(),
+           "decode": lambda a: bench_decode(), "loss": lambda a: bench_loss(),
            "liger": lambda a: bench_liger(), "rouge": lambda a: bench_rouge(), "step": lambda a: bench_step(),
            "compile": lambda a: bench_compile(), "onpolicy": lambda a: bench_onpolicy(),
            "data": lambda a: bench_data(a.data_rows), "topk": lambda a: bench_topk(a.demo_out),

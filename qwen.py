@@ -244,6 +244,15 @@ def position_ids_from_mask(attention_mask):
     # left padding shifts each row's positions so its first real token has position 0 (as HF generate)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+
+def project(h, weight):
+    """Logits h @ weight.T (B, V) of generation's few rows h (B, C). On CPU in fp32, MKL computes this tall, skinny
+    product 2-5x faster as weight @ h.T with at least 2 columns than as F.linear (`python bench.py decode`); in
+    bf16, F.linear is the faster."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return F.linear(h, weight)
+    return (weight @ F.pad(h, (0, 0, 0, len(h) == 1)).T)[:, :len(h)].T.contiguous()  # one row: padded to 2
+
 # -----------------------------------------------------------------------------
 # sampling: how generation picks each next token
 
@@ -256,8 +265,9 @@ class Sampling:
     seed: int = 0             # of generate's torch.Generator: the same seed gives the same tokens
 
 
-def sample(logits, sampling, generator):
-    # logits (B, V), in the activation dtype -> next ids (B,); in fp32 (on CPU, argmax is 2x faster there than in bf16)
+def sample(logits, sampling, u):
+    # logits (B, V), in the activation dtype -> next ids (B,), in fp32 (on CPU, argmax is 2x faster there than in
+    # bf16); u (B, 1): float64 uniforms in [0, 1), one per row, unused when greedy
     logits = logits.float()
     if sampling.temperature <= 0:
         return logits.argmax(-1)
@@ -271,21 +281,22 @@ def sample(logits, sampling, generator):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= sampling.top_p
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return draw(logits.softmax(-1), generator)
+    return draw(logits.softmax(-1), u)
 
 
 BLOCK = 1024  # ids per block of draw's first level
 
 
-def draw(probs, generator):
-    """One id per row of probs (B, V), id i with probability probs[:, i]: the inverse CDF of one float64 uniform
-    per row, in two levels (the block of BLOCK ids, then the id inside it, each a float64 cumulative sum), so that
+def draw(probs, u):
+    """One id per row of probs (B, V), id i with probability probs[:, i]: the inverse CDF at u (B, 1), a float64
+    uniform per row, in two levels (the block of BLOCK ids, then the id inside it, each a float64 cumulative sum), so that
     no token's share is lost to rounding and no (B, V) random tensor is drawn: on CPU, 12x faster than
     torch.multinomial at Qwen's vocabulary. Ids of probability 0 are never drawn."""
     B, V = probs.shape
     blocks = F.pad(probs, (0, -V % BLOCK)).view(B, -1, BLOCK)
-    mass = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, number of blocks)
-    u = torch.rand(B, 1, dtype=torch.float64, device=probs.device, generator=generator) * mass[:, -1:]
+    # a block's sum in the probabilities' dtype is as exact as they are; float64 for the (B, V) sum costs 5x draw
+    mass = blocks.sum(-1).double().cumsum(-1)  # (B, number of blocks)
+    u = u * mass[:, -1:]
     block = torch.searchsorted(mass, below(u, mass[:, -1:]), right=True)  # (B, 1): the first block past u
     inner = blocks[torch.arange(B, device=probs.device), block[:, 0]].cumsum(-1, dtype=torch.float64)
     rest = u - torch.where(block > 0, mass.gather(1, (block - 1).clamp(min=0)), 0.0)
@@ -377,7 +388,8 @@ class Qwen(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_token_id, sampling=Sampling(), vocab_limit=None, mix_in=None):
         """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
-        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim.
+        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim. Once half
+        the rows have stopped, the batch and its caches are cut to the rest (tokens unchanged).
         prompts: list of token-id lists (any lengths, left-padded internally). Greedy by default, else
         as `sampling` says. Stops a row at any id in eos_token_id (an int or a list). Ids >= vocab_limit
         (Qwen's padded embedding rows, beyond the tokenizer) are never emitted. mix_in=(model, a): each
@@ -401,20 +413,28 @@ class Qwen(nn.Module):
 
         # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
         pos_ids = position_ids_from_mask(key_mask[:, :P])
-        logits = [F.linear(m.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=c,
-                                           cache_pos=torch.arange(P, device=dev))[:, -1], m.lm_head.weight[:V])
+        logits = [project(m.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=c,
+                                          cache_pos=torch.arange(P, device=dev))[:, -1], m.lm_head.weight[:V])
                   for m, c in zip(models, caches)]  # (B, V) each: the real vocabulary only
         out = torch.full((B, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        live = torch.arange(B, device=dev)  # the rows of out still decoded: the batch is cut to them (below)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)  # of the live rows, those past their eos
         pos_ids = pos_ids[:, -1:]
         n = 0
         for n in range(max_new_tokens):
+            # all B uniforms every step, so that a row's draws do not depend on which rows were cut away
+            u = torch.rand(B, 1, dtype=torch.float64, device=dev, generator=gen)[live] if gen else None
             nxt = torch.where(done, PAD_ID, sample(mixture(logits, sampling, mix_in[1]) if mix_in else logits[0],
-                                                   pick, gen))
-            out[:, n] = nxt
+                                                   pick, u))
+            out[live, n] = nxt
             done |= torch.isin(nxt, eos)
             if n == max_new_tokens - 1 or bool(done.all()):
                 break
+            if 2 * int(done.sum()) >= len(done):  # half the batch finished: decode only the rest (a compiled
+                # decode_step then sees at most log2(B) more batch sizes)
+                keep = ~done
+                live, done, nxt, pos_ids, key_mask = live[keep], done[keep], nxt[keep], pos_ids[keep], key_mask[keep]
+                caches = [[(k[keep], v[keep]) for k, v in c] for c in caches]
             key_mask[:, P + n] = True
             pos_ids = pos_ids + 1
             logits = [(m.compiled_decode or m.decode_step)(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
@@ -446,7 +466,7 @@ class Qwen(nn.Module):
         cache_pos (1,) the slot to write. Returns logits (B, vocab_limit) in the activation dtype. Every shape is
         fixed."""
         h = self.hidden_states(x, position_ids=position_ids, mask=mask, cache=cache, cache_pos=cache_pos)
-        return F.linear(h[:, -1], self.lm_head.weight[:vocab_limit])
+        return project(h[:, -1], self.lm_head.weight[:vocab_limit])
 
     # -------------------------------------------------------------------------
     # loading and saving Hugging Face checkpoints

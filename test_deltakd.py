@@ -182,6 +182,23 @@ def test_sampling_is_seeded_and_never_emits_padded_vocab_rows(tmp_path):
     assert max(max(r) for r in model.generate(prompts, 4, eos_token_id=[299])) >= 250  # the limit did the work
 
 
+def test_cutting_stopped_rows_from_the_batch_changes_no_token(tmp_path):
+    # generate cuts the batch to its live rows once half have stopped; without an eos no row stops (and no cut
+    # happens), so each row up to its first eos must be what the run with that eos gives
+    _, path = hf_model(tmp_path, "m", False, 4, 2, seed=3)
+    model = qwen.Qwen.from_pretrained(path).eval()
+    with torch.no_grad():  # weights 10x: tokens that depend on the context (a row given another's cache differs)
+        for p in model.parameters():
+            p.mul_(10 if p.dim() == 2 else 1)
+    prompts = [[5, 6, 7, 8], [12, 13], [1, 2, 3, 4, 9], [200], [17, 18, 19]]
+    for sampling in (qwen.Sampling(), qwen.Sampling(temperature=1.0, seed=5)):
+        free = model.generate(prompts, 20, [], sampling)
+        eos = [free[0][2], free[3][4], free[1][9], free[4][12]]
+        stopped = model.generate(prompts, 20, eos, sampling)
+        assert stopped == qwen.cut_after_eos(free, set(eos))
+        assert sum(len(r) < 20 for r in stopped) >= 4  # cut to 2 rows at the 3rd stop, to 1 at the 4th
+
+
 def test_the_sampler_draws_each_id_with_its_softmax_probability():
     # a chi-square test (5 degrees of freedom) of qwen.sample at temperature 2 over 6 ids spread across 3 of draw's
     # blocks, at both ends of a block, among ids of probability 0, which must never be drawn
@@ -191,7 +208,9 @@ def test_the_sampler_draws_each_id_with_its_softmax_probability():
     logits = torch.full((500, V), float("-inf"))
     logits[:, ids] = 2 * p.log().float()
     g = torch.Generator().manual_seed(0)
-    drawn = torch.cat([qwen.sample(logits, qwen.Sampling(temperature=2.0), g) for _ in range(n // 500)])
+    drawn = torch.cat([qwen.sample(logits, qwen.Sampling(temperature=2.0), torch.rand(500, 1, dtype=torch.float64,
+                                                                                       generator=g))
+                       for _ in range(n // 500)])
     counts = torch.bincount(drawn, minlength=V).double()
     assert counts[ids].sum() == n
     chi2 = ((counts[ids] - n * p) ** 2 / (n * p)).sum().item()
@@ -201,9 +220,10 @@ def test_the_sampler_draws_each_id_with_its_softmax_probability():
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     nucleus, top2 = qwen.Sampling(temperature=1.0, top_p=0.75), qwen.Sampling(temperature=1.0, top_k=2)
-    seen = {qwen.sample(logits, nucleus, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    u = torch.linspace(0, 1, 201, dtype=torch.float64)[:-1, None]
+    seen = set(qwen.sample(logits.expand(200, 4), nucleus, u).tolist())
     assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are cut
-    seen = {qwen.sample(logits, top2, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    seen = set(qwen.sample(logits.expand(200, 4), top2, u).tolist())
     assert seen == {0, 1}  # top_k=2
 
 
