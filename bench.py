@@ -224,7 +224,9 @@ def bench_generate(prompt=64, new=128, repeats=2):
 def bench_decode(repeats=7):
     """Two parts of each decoding step against their plain torch forms, at Qwen's 151,665 real tokens: qwen.project
     vs F.linear for the fp32 lm_head (hidden sizes of MINI, Qwen2.5-0.5B and 1.5B, random weights; in bf16
-    project is F.linear), and qwen.draw vs torch.multinomial for the sampled token (softmax of random logits)."""
+    project is F.linear), and qwen.draw vs torch.multinomial for the sampled token (softmax of random logits); and
+    qwen.generate of 8 rows, half of which stop early, vs the same rows none of which stop (what the work was before
+    generate cut stopped rows away) and vs the 4 long rows alone (the least it can cost)."""
     rows, V, g = [], 151665, torch.Generator().manual_seed(0)
     for C in (MINI["hidden_size"], 896, 1536):
         W = torch.randn(V, C, generator=g) * 0.02
@@ -244,6 +246,21 @@ def bench_decode(repeats=7):
         rows.append(Row("sampled token", "`torch.multinomial(probs, 1)`", f"V {V:,}, fp32 probabilities, batch "
                         f"{batch}; median of {repeats}", f"`qwen.draw` {t['draw'] * 1e3:.2f} vs "
                         f"{t['multinomial'] * 1e3:.2f} ms: **{t['multinomial'] / t['draw']:.1f}x** the speed"))
+    model = qwen.Qwen(qwen.QwenConfig.from_dict(MINI))
+    qwen.init_weights(model)
+    prompts, new = torch.randint(0, V, (8, 64), generator=g).tolist(), 128
+    sampling = qwen.Sampling(temperature=1.0, seed=0)  # random weights: near-uniform draws, no id drawn twice
+    free = model.eval().generate(prompts, new, [], sampling, vocab_limit=V)
+    eos = [free[i][16 * (i + 1) - 1] for i in range(4)]  # rows 0-3 stop after 16, 32, 48 and 64 tokens
+    lengths = [len(r) for r in model.generate(prompts, new, eos, sampling, vocab_limit=V)]
+    t = timeit({"stopping": lambda: model.generate(prompts, new, eos, sampling, vocab_limit=V),
+                "none stop": lambda: model.generate(prompts, new, [], sampling, vocab_limit=V),
+                "long rows": lambda: model.generate(prompts[4:], new, eos, sampling, vocab_limit=V)}, repeats=3)
+    rows.append(Row("generation with stopped rows", "the same 8 rows, none stopping / the 4 long rows alone",
+                    f"108M (`MINI`), fp32, sampled, 64-token prompts, {new} new tokens, answer lengths {lengths}; "
+                    "median of 3", f"{t['stopping']:.2f} vs {t['none stop']:.2f} s: **{t['stopping'] / t['none stop']:.2f}x** "
+                    f"the time of none stopping; **{t['stopping'] / t['long rows']:.2f}x** the long rows alone "
+                    f"({t['long rows']:.2f} s)"))
     return rows
 
 

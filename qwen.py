@@ -247,7 +247,7 @@ def position_ids_from_mask(attention_mask):
 
 def project(h, weight):
     """Logits h @ weight.T (B, V) of generation's few rows h (B, C). On CPU in fp32, MKL computes this tall, skinny
-    product 2-5x faster as weight @ h.T with at least 2 columns than as F.linear (`python bench.py decode`); in
+    product 1.5-4x faster as weight @ h.T with at least 2 columns than as F.linear (`python bench.py decode`); in
     bf16, F.linear is the faster."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return F.linear(h, weight)
@@ -289,12 +289,13 @@ BLOCK = 1024  # ids per block of draw's first level
 
 def draw(probs, u):
     """One id per row of probs (B, V), id i with probability probs[:, i]: the inverse CDF at u (B, 1), a float64
-    uniform per row, in two levels (the block of BLOCK ids, then the id inside it, each a float64 cumulative sum), so that
-    no token's share is lost to rounding and no (B, V) random tensor is drawn: on CPU, 12x faster than
-    torch.multinomial at Qwen's vocabulary. Ids of probability 0 are never drawn."""
+    uniform per row, in two levels (the block of BLOCK ids, then the id inside it, each level a float64 cumulative
+    sum), so that no token's share is lost to a long cumulative sum's rounding (a block's own sum moves its share by
+    at most ~1e-7 of the block) and no (B, V) random tensor is drawn: on CPU, 8-31x faster than torch.multinomial
+    at Qwen's vocabulary (`python bench.py decode`). Ids of probability 0 are never drawn."""
     B, V = probs.shape
     blocks = F.pad(probs, (0, -V % BLOCK)).view(B, -1, BLOCK)
-    # a block's sum in the probabilities' dtype is as exact as they are; float64 for the (B, V) sum costs 5x draw
+    # a block's sum in the probabilities' own dtype: converting all of (B, V) to float64 first costs 5x draw's time
     mass = blocks.sum(-1).double().cumsum(-1)  # (B, number of blocks)
     u = u * mass[:, -1:]
     block = torch.searchsorted(mass, below(u, mass[:, -1:]), right=True)  # (B, 1): the first block past u
@@ -389,7 +390,8 @@ class Qwen(nn.Module):
     def generate(self, prompts, max_new_tokens, eos_token_id, sampling=Sampling(), vocab_limit=None, mix_in=None):
         """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
         shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim. Once half
-        the rows have stopped, the batch and its caches are cut to the rest (tokens unchanged).
+        the rows have stopped, the batch and its caches are cut to the rest (the same tokens, up to the rounding of
+        a smaller batch's matrix products).
         prompts: list of token-id lists (any lengths, left-padded internally). Greedy by default, else
         as `sampling` says. Stops a row at any id in eos_token_id (an int or a list). Ids >= vocab_limit
         (Qwen's padded embedding rows, beyond the tokenizer) are never emitted. mix_in=(model, a): each
@@ -428,13 +430,17 @@ class Qwen(nn.Module):
                                                    pick, u))
             out[live, n] = nxt
             done |= torch.isin(nxt, eos)
-            if n == max_new_tokens - 1 or bool(done.all()):
+            finished = int(done.sum())
+            if n == max_new_tokens - 1 or finished == len(done):
                 break
-            if 2 * int(done.sum()) >= len(done):  # half the batch finished: decode only the rest (a compiled
-                # decode_step then sees at most log2(B) more batch sizes)
+            if 2 * finished >= len(done):  # half the batch finished: decode only the rest (a compiled decode_step
+                # then sees at most log2(B) more batch sizes per call)
                 keep = ~done
                 live, done, nxt, pos_ids, key_mask = live[keep], done[keep], nxt[keep], pos_ids[keep], key_mask[keep]
-                caches = [[(k[keep], v[keep]) for k, v in c] for c in caches]
+                for c in caches:  # layer by layer, so that the old caches are not all held beside the new ones
+                    for i, (k, v) in enumerate(c):
+                        c[i] = (k[keep], v[keep])
+
             key_mask[:, P + n] = True
             pos_ids = pos_ids + 1
             logits = [(m.compiled_decode or m.decode_step)(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
@@ -456,7 +462,8 @@ class Qwen(nn.Module):
         """generate then decodes with decode_step compiled (torch.compile, fixed shapes: once per batch size and cache
         length, the length rounded up to a multiple of 64; on CUDA in reduce-overhead mode, not yet run on a GPU).
         In fp32 its greedy tokens equal the eager path's (tested); in bf16 fused kernels round otherwise and may
-        flip a near tie."""
+        flip a near tie. Each batch size a cut of stopped rows leaves compiles anew (past dynamo's recompile limit,
+        decode_step runs eager)."""
         mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None
         self.compiled_decode = torch.compile(self.decode_step, dynamic=False, mode=mode)
         return self

@@ -191,12 +191,17 @@ def test_cutting_stopped_rows_from_the_batch_changes_no_token(tmp_path):
         for p in model.parameters():
             p.mul_(10 if p.dim() == 2 else 1)
     prompts = [[5, 6, 7, 8], [12, 13], [1, 2, 3, 4, 9], [200], [17, 18, 19]]
+    decode_step, batch_sizes = model.decode_step, []
+    model.decode_step = lambda x, *rest: batch_sizes.append(len(x)) or decode_step(x, *rest)
     for sampling in (qwen.Sampling(), qwen.Sampling(temperature=1.0, seed=5)):
         free = model.generate(prompts, 20, [], sampling)
         eos = [free[0][2], free[3][4], free[1][9], free[4][12]]
+        batch_sizes.clear()
         stopped = model.generate(prompts, 20, eos, sampling)
         assert stopped == qwen.cut_after_eos(free, set(eos))
-        assert sum(len(r) < 20 for r in stopped) >= 4  # cut to 2 rows at the 3rd stop, to 1 at the 4th
+        ends = sorted(map(len, stopped))
+        assert ends[3] < 20 and sorted(set(batch_sizes), reverse=True) == [5, 2, 1]  # cut at the 3rd and 4th stop
+        assert batch_sizes.count(5) == ends[2] - 1 and batch_sizes.count(1) == ends[4] - ends[3]
 
 
 def test_the_sampler_draws_each_id_with_its_softmax_probability():
