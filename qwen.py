@@ -440,7 +440,6 @@ class Qwen(nn.Module):
                 for c in caches:  # layer by layer, so that the old caches are not all held beside the new ones
                     for i, (k, v) in enumerate(c):
                         c[i] = (k[keep], v[keep])
-
             key_mask[:, P + n] = True
             pos_ids = pos_ids + 1
             logits = [(m.compiled_decode or m.decode_step)(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
