@@ -13,7 +13,8 @@ what a stored top-K target costs in accuracy.
 - forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
 - generate: greedy, batch 1 and 8, 64-token prompts, 128 new tokens, 108M and Qwen2.5-0.5B, fp32 and bf16, vs HF
             generate eager and with a static cache + torch.compile; the bandwidth floor as a fraction reached.
-- decode:   a decoding step's lm_head (qwen.project vs F.linear) and sampled token (qwen.draw vs torch.multinomial).
+- decode:   a decoding step's lm_head (qwen.project vs F.linear) and sampled token (qwen.draw vs torch.multinomial);
+            generation where half the rows stop early vs none stopping and vs the long rows alone.
 - exits:    2-rank torchrun jobs (MiniLLM, on-policy, on-policy stopped by SIGTERM), --runs=N (30) times each:
             how many exit 0 with a checkpoint (a rare abort at exit once made finished runs fail).
 - loss:     chunked vs dense Delta-KD loss + backward from hidden states at vocab 151,936, hidden 1,536
@@ -252,10 +253,11 @@ def bench_decode(repeats=7):
     sampling = qwen.Sampling(temperature=1.0, seed=0)  # random weights: near-uniform draws, no id drawn twice
     free = model.eval().generate(prompts, new, [], sampling, vocab_limit=V)
     eos = [free[i][16 * (i + 1) - 1] for i in range(4)]  # rows 0-3 stop after 16, 32, 48 and 64 tokens
-    lengths = [len(r) for r in model.generate(prompts, new, eos, sampling, vocab_limit=V)]
-    t = timeit({"stopping": lambda: model.generate(prompts, new, eos, sampling, vocab_limit=V),
+    answers = {}
+    t = timeit({"stopping": lambda: answers.update(stopped=model.generate(prompts, new, eos, sampling, vocab_limit=V)),
                 "none stop": lambda: model.generate(prompts, new, [], sampling, vocab_limit=V),
                 "long rows": lambda: model.generate(prompts[4:], new, eos, sampling, vocab_limit=V)}, repeats=3)
+    lengths = [len(r) for r in answers["stopped"]]
     rows.append(Row("generation with stopped rows", "the same 8 rows, none stopping / the 4 long rows alone",
                     f"108M (`MINI`), fp32, sampled, 64-token prompts, {new} new tokens, answer lengths {lengths}; "
                     "median of 3", f"{t['stopping']:.2f} vs {t['none stop']:.2f} s: **{t['stopping'] / t['none stop']:.2f}x** "

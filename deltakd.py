@@ -287,7 +287,7 @@ def checkpoint_defaults(cfg, given):
     taken = {k: settings[k] for k in EVAL_DEFAULTS if k not in given and settings.get(k) is not None}
     for key, value in taken.items():
         setattr(cfg, key, value)
-    if taken and not cfg.quiet and int(os.environ.get("RANK", 0)) == 0:
+    if taken and not cfg.quiet and launch_rank() == 0:
         print(f"--eval_only: from {path}, as the run that wrote it evaluated (a flag given overrides): "
               + " ".join(f"--{k}={v}" for k, v in taken.items()))
     return cfg
@@ -731,6 +731,11 @@ def start(cfg):
         if METHODS[cfg.method].shift and cfg.alpha == 0:
             print("--alpha=0: the target is the finetuned teacher's alone; the raw models are not loaded")
     return run
+
+
+def launch_rank():
+    # the rank torchrun gave this process (0 when run alone), known before the process group is up
+    return int(os.environ.get("RANK", 0))
 
 
 def setup_distributed(device="auto"):
@@ -1626,7 +1631,7 @@ class Preemption:
         if signum == signal.SIGINT:
             if self.requested == "SIGINT":
                 raise KeyboardInterrupt
-            if int(os.environ.get("RANK", 0)) == 0:  # a terminal's Ctrl-C reaches every rank
+            if launch_rank() == 0:  # a terminal's Ctrl-C reaches every rank
                 # os.write, not print: the signal may have landed inside a print, which is not reentrant
                 os.write(1, b"\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)\n")
         self.requested = signal.Signals(signum).name
@@ -1788,7 +1793,7 @@ def main(argv):
     except (OSError, data.DataError, qwen.CheckpointError) as e:  # bad files, rows, checkpoints: one line
         sys.exit(f"error: {e}")
     except Preempted as e:  # the run is finished and saved; its final evaluation is what --resume=true reruns
-        if int(os.environ.get("RANK", 0)) == 0:
+        if launch_rank() == 0:
             print(f"{e}: stopped the final evaluation; training is finished and saved in "
                   f"{checkpoints(cfg.out_dir)[-1]} (--resume=true runs the evaluation)", flush=True)
     except KeyboardInterrupt:  # outside the training loop (Preemption), or a second Ctrl-C inside it
