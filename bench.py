@@ -223,23 +223,54 @@ def bench_generate(prompt=64, new=128, repeats=2):
 
 
 def bench_decode(repeats=7):
-    """Two parts of each decoding step against their plain torch forms, at Qwen's 151,665 real tokens: qwen.project
-    vs F.linear for the fp32 lm_head (hidden sizes of MINI, Qwen2.5-0.5B and 1.5B, random weights; in bf16
-    project is F.linear), and qwen.draw vs torch.multinomial for the sampled token (softmax of random logits); and
+    """Parts of each decoding step against their plain torch forms, at Qwen's 151,665 real tokens: qwen.project
+    vs F.linear for the fp32 lm_head (hidden sizes of MINI, Qwen2.5-0.5B and 1.5B, random weights), a bf16
+    decode_step of the real Qwen2.5-0.5B config over its linears' packed weights (qwen.packed_linears) vs
+    F.linear, and qwen.draw vs torch.multinomial for the sampled token (softmax of random logits); and
     qwen.generate of 8 rows, half of which stop early, vs the same rows none of which stop (what the work was before
     generate cut stopped rows away) and vs the 4 long rows alone (the least it can cost)."""
     rows, V, g = [], 151665, torch.Generator().manual_seed(0)
     for C in (MINI["hidden_size"], 896, 1536):
-        W = torch.randn(V, C, generator=g) * 0.02
+        head = qwen.Linear(C, V, bias=False).requires_grad_(False)
+        W = head.weight.normal_(0, 0.02, generator=g)
         for batch in (1, 4, 8):
             h = torch.randn(batch, C, generator=g)
-            t = timeit({"F.linear": lambda: F.linear(h, W), "project": lambda: qwen.project(h, W)}, repeats)
-            gap = (qwen.project(h, W).double() - F.linear(h.double(), W.double())).abs().max().item()
+            t = timeit({"F.linear": lambda: F.linear(h, W), "project": lambda: qwen.project(h, head, V)}, repeats)
+            gap = (qwen.project(h, head, V).double() - F.linear(h.double(), W.double())).abs().max().item()
             rows.append(Row("lm_head of a decoding step", "`F.linear` (as transformers)",
                             f"V {V:,}, C {C:,}, fp32, batch {batch}; median of {repeats}",
                             f"`qwen.project` {t['project'] * 1e3:.1f} vs {t['F.linear'] * 1e3:.1f} ms: **"
                             f"{t['F.linear'] / t['project']:.2f}x** the speed ({W.nbytes / t['project'] / 1e9:.0f} "
                             f"GB/s); {gap:.1e} from float64"))
+    model = qwen.Qwen(arch(os.path.join(QWEN_CONFIGS, "Qwen2.5-0.5B", "config.json")))
+    qwen.init_weights(model)
+    model, L = model.to(torch.bfloat16).eval(), 128  # a step at the 129th slot of a 192-slot cache
+    linears = [m for m in model.modules() if isinstance(m, qwen.Linear)]
+
+    def pack():  # what generate does once per call; returns the packed weights
+        with qwen.packed_linears([model], V, qwen.PACKING_PAYS_FROM):
+            return [m.packed for m in linears]
+    packed = pack()
+    for batch in (1, 8):
+        step = (torch.zeros(batch, 1, dtype=torch.long), torch.full((batch, 1), L),
+                torch.ones(batch, 1, 1, 192, dtype=torch.bool), model.empty_kv_cache(batch, 192), torch.tensor([L]), V)
+
+        def step_over(weights):  # each linear's packed weight, or None: F.linear
+            for m, w in zip(linears, weights):
+                m.packed = w
+            return model.decode_step(*step)
+        with torch.no_grad():
+            t = timeit({"packed": lambda: step_over(packed), "F.linear": lambda: step_over([None] * len(linears)),
+                        "packing": pack}, repeats)
+            same = torch.equal(step_over(packed), step_over([None] * len(linears)))
+        rows.append(Row("bf16 decoding step over packed weights", "the same step through `F.linear`",
+                        f"`decode_step` of the Qwen2.5-0.5B config ({qwen.num_parameters(model) / 1e6:.0f}M, random "
+                        f"weights), bf16, batch {batch}, {L} cached positions; median of {repeats}",
+                        f"{t['packed'] * 1e3:.1f} vs {t['F.linear'] * 1e3:.1f} ms: **{t['F.linear'] / t['packed']:.2f}x"
+                        f"** the speed ({decode_bytes(model, batch, L) / t['packed'] / 1e9:.0f} GB/s), logits "
+                        f"{'equal bit for bit' if same else 'NOT EQUAL'}; packing the weights once "
+                        f"{t['packing'] * 1e3:.0f} ms"))
+    model = packed = linears = None
     for batch in (1, 8):
         probs = (3 * torch.randn(batch, V, generator=g)).softmax(-1)
         t = timeit({"multinomial": lambda: torch.multinomial(probs, 1, generator=g),

@@ -162,15 +162,25 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear that generation may run over its weight reordered once for oneDNN (packed_linears)."""
+    packed = None  # that reordered weight, only while generate runs
+
+    def forward(self, x):
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        self.q_proj = Linear(C, self.n_head * self.head_dim, bias=True)
+        self.k_proj = Linear(C, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = Linear(C, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_head * self.head_dim, C, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
         B, T, C = x.shape
@@ -198,9 +208,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -245,13 +255,41 @@ def position_ids_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def project(h, weight):
-    """Logits h @ weight.T (B, V) of generation's few rows h (B, C). On CPU in fp32, MKL computes this tall, skinny
-    product 1.5-4x faster as weight @ h.T with at least 2 columns than as F.linear (`python bench.py decode`); in
-    bf16, F.linear is the faster."""
+def project(h, head, vocab_limit):
+    """Logits (B, vocab_limit) of generation's few rows h (B, C) through the lm_head. On CPU in fp32, MKL computes
+    this tall, skinny product 1.5-4x faster as weight @ h.T with at least 2 columns than as F.linear (`python
+    bench.py decode`); in bf16, F.linear is the faster, and the packed weight (packed_linears) faster still."""
+    if head.packed is not None:
+        return head(h)
+    weight = head.weight[:vocab_limit]
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return F.linear(h, weight)
     return (weight @ F.pad(h, (0, 0, 0, len(h) == 1)).T)[:, :len(h)].T.contiguous()  # one row: padded to 2
+
+
+PACKING_PAYS_FROM = 32  # new tokens: the reorder costs about 6 decoding steps, and saves ~30% of each
+
+
+@contextlib.contextmanager
+def packed_linears(models, vocab_limit, max_new_tokens):
+    """While generate runs: every linear's weight (the lm_head's first vocab_limit rows) reordered once into
+    oneDNN's blocked layout, where that pays: on CPU in bf16, without autocast, for PACKING_PAYS_FROM new tokens
+    or more, decode_step not compiled (inductor does not lower the packed op; it packs by itself under freezing).
+    F.linear reorders the weight on every call; the packed weight runs 1.4-1.8x its speed at decoding's few rows,
+    equal bit for bit (`python bench.py decode`). One more copy of the weights while it lasts."""
+    linears = [(m, l) for m in models if not m.compiled_decode for l in m.modules() if isinstance(l, Linear)
+               and l.weight.device.type == "cpu" and l.weight.dtype == torch.bfloat16]
+    if (max_new_tokens < PACKING_PAYS_FROM or torch.is_autocast_enabled("cpu")
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        linears = []
+    try:
+        for m, l in linears:
+            weight = l.weight[:vocab_limit] if l is m.lm_head else l.weight
+            l.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        yield
+    finally:
+        for _, l in linears:
+            l.packed = None
 
 # -----------------------------------------------------------------------------
 # sampling: how generation picks each next token
@@ -351,7 +389,7 @@ class Qwen(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = QwenModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -413,38 +451,39 @@ class Qwen(nn.Module):
         pick = mixed_sampling(sampling) if mix_in else sampling  # how each next token is drawn
         V = vocab_limit or self.config.vocab_size
 
-        # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
-        pos_ids = position_ids_from_mask(key_mask[:, :P])
-        logits = [project(m.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=c,
-                                          cache_pos=torch.arange(P, device=dev))[:, -1], m.lm_head.weight[:V])
-                  for m, c in zip(models, caches)]  # (B, V) each: the real vocabulary only
-        out = torch.full((B, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
-        live = torch.arange(B, device=dev)  # the rows of out still decoded: the batch is cut to them (below)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)  # of the live rows, those past their eos
-        pos_ids = pos_ids[:, -1:]
-        n = 0
-        for n in range(max_new_tokens):
-            # all B uniforms every step, so that a row's draws do not depend on which rows were cut away
-            u = torch.rand(B, 1, dtype=torch.float64, device=dev, generator=gen)[live] if gen else None
-            nxt = torch.where(done, PAD_ID, sample(mixture(logits, sampling, mix_in[1]) if mix_in else logits[0],
-                                                   pick, u))
-            out[live, n] = nxt
-            done |= torch.isin(nxt, eos)
-            finished = int(done.sum())
-            if n == max_new_tokens - 1 or finished == len(done):
-                break
-            if 2 * finished >= len(done):  # half the batch finished: decode only the rest (a compiled decode_step
-                # then sees at most log2(B) more batch sizes per call)
-                keep = ~done
-                live, done, nxt, pos_ids, key_mask = live[keep], done[keep], nxt[keep], pos_ids[keep], key_mask[keep]
-                for c in caches:  # layer by layer, so that the old caches are not all held beside the new ones
-                    for i, (k, v) in enumerate(c):
-                        c[i] = (k[keep], v[keep])
-            key_mask[:, P + n] = True
-            pos_ids = pos_ids + 1
-            logits = [(m.compiled_decode or m.decode_step)(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
-                                                           torch.tensor([P + n], device=dev), V)
-                      for m, c in zip(models, caches)]
+        with packed_linears(models, V, max_new_tokens):
+            # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
+            pos_ids = position_ids_from_mask(key_mask[:, :P])
+            logits = [project(m.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=c,
+                                              cache_pos=torch.arange(P, device=dev))[:, -1], m.lm_head, V)
+                      for m, c in zip(models, caches)]  # (B, V) each: the real vocabulary only
+            out = torch.full((B, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
+            live = torch.arange(B, device=dev)  # the rows of out still decoded: the batch is cut to them (below)
+            done = torch.zeros(B, dtype=torch.bool, device=dev)  # of the live rows, those past their eos
+            pos_ids = pos_ids[:, -1:]
+            n = 0
+            for n in range(max_new_tokens):
+                # all B uniforms every step, so that a row's draws do not depend on which rows were cut away
+                u = torch.rand(B, 1, dtype=torch.float64, device=dev, generator=gen)[live] if gen else None
+                nxt = torch.where(done, PAD_ID, sample(mixture(logits, sampling, mix_in[1]) if mix_in else logits[0],
+                                                       pick, u))
+                out[live, n] = nxt
+                done |= torch.isin(nxt, eos)
+                finished = int(done.sum())
+                if n == max_new_tokens - 1 or finished == len(done):
+                    break
+                if 2 * finished >= len(done):  # half the batch finished: decode only the rest (a compiled
+                    # decode_step then sees at most log2(B) more batch sizes per call)
+                    keep = ~done
+                    live, done, nxt, pos_ids, key_mask = (t[keep] for t in (live, done, nxt, pos_ids, key_mask))
+                    for c in caches:  # layer by layer, so that the old caches are not all held beside the new ones
+                        for i, (k, v) in enumerate(c):
+                            c[i] = (k[keep], v[keep])
+                key_mask[:, P + n] = True
+                pos_ids = pos_ids + 1
+                logits = [(m.compiled_decode or m.decode_step)(nxt[:, None], pos_ids, key_mask[:, None, None, :], c,
+                                                               torch.tensor([P + n], device=dev), V)
+                          for m, c in zip(models, caches)]
         return cut_after_eos(out[:, :n + 1].tolist(), set(eos.tolist()))
 
     def empty_kv_cache(self, B, L):
@@ -472,7 +511,7 @@ class Qwen(nn.Module):
         cache_pos (1,) the slot to write. Returns logits (B, vocab_limit) in the activation dtype. Every shape is
         fixed."""
         h = self.hidden_states(x, position_ids=position_ids, mask=mask, cache=cache, cache_pos=cache_pos)
-        return project(h[:, -1], self.lm_head.weight[:vocab_limit])
+        return project(h[:, -1], self.lm_head, vocab_limit)
 
     # -------------------------------------------------------------------------
     # loading and saving Hugging Face checkpoints

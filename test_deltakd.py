@@ -204,6 +204,32 @@ def test_cutting_stopped_rows_from_the_batch_changes_no_token(tmp_path):
         assert batch_sizes.count(5) == ends[2] - 1 and batch_sizes.count(1) == ends[4] - ends[3]
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
+def test_generation_over_packed_bf16_weights_changes_no_token(tmp_path, monkeypatch):
+    # on CPU in bf16, generate runs every linear (the lm_head cut to vocab_limit) over a weight packed once for
+    # oneDNN: greedy, sampled and teacher-mixed tokens must be F.linear's, and the packed weights must be used
+    student, teacher = (qwen.Qwen.from_pretrained(hf_model(tmp_path, name, tie, n_head, 2, seed=seed)[1],
+                                                  dtype=torch.bfloat16).eval()
+                        for name, tie, n_head, seed in (("s", True, 4, 0), ("t", False, 6, 1)))
+    with torch.no_grad():  # weights 10x: tokens that depend on the context, near ties rare
+        for p in [*student.parameters(), *teacher.parameters()]:
+            p.mul_(10 if p.dim() == 2 else 1)
+    prompts, new = [[5, 17, 42], [7], [100, 3, 9, 250, 11]], qwen.PACKING_PAYS_FROM
+    decode_step, packed = student.decode_step, []
+    student.decode_step = lambda *a: packed.append((student.lm_head.packed is not None,
+                                                     teacher.model.layers[1].mlp.down_proj.packed is not None)) or decode_step(*a)
+    runs = [(qwen.Sampling(), None), (qwen.Sampling(temperature=1.0, seed=3), None),
+            (qwen.Sampling(temperature=1.0, seed=4), (teacher, 0.5))]
+    fast = [student.generate(prompts, new, [], s, 250, mix) for s, mix in runs]
+    assert packed == [(True, False)] * 2 * (new - 1) + [(True, True)] * (new - 1)
+    assert all(l.packed is None for l in [*student.modules(), *teacher.modules()] if isinstance(l, qwen.Linear))
+    monkeypatch.setattr(qwen, "PACKING_PAYS_FROM", new + 1)  # the same runs through F.linear
+    packed.clear()
+    assert [student.generate(prompts, new, [], s, 250, mix) for s, mix in runs] == fast
+    assert packed == [(False, False)] * 3 * (new - 1)
+    assert max(max(r) for r in sum(fast, [])) < 250
+
+
 def test_the_sampler_draws_each_id_with_its_softmax_probability():
     # a chi-square test (5 degrees of freedom) of qwen.sample at temperature 2 over 6 ids spread across 3 of draw's
     # blocks, at both ends of a block, among ids of probability 0, which must never be drawn
