@@ -242,7 +242,8 @@ def bench_decode(repeats=7):
                             f"`qwen.project` {t['project'] * 1e3:.1f} vs {t['F.linear'] * 1e3:.1f} ms: **"
                             f"{t['F.linear'] / t['project']:.2f}x** the speed ({W.nbytes / t['project'] / 1e9:.0f} "
                             f"GB/s); {gap:.1e} from float64"))
-    model = qwen.Qwen(arch(os.path.join(QWEN_CONFIGS, "Qwen2.5-0.5B", "config.json")))
+    head = W = None
+    model = qwen.Qwen(qwen.QwenConfig.from_dict(arch(os.path.join(QWEN_CONFIGS, "Qwen2.5-0.5B", "config.json"))))
     qwen.init_weights(model)
     model, L = model.to(torch.bfloat16).eval(), 128  # a step at the 129th slot of a 192-slot cache
     linears = [m for m in model.modules() if isinstance(m, qwen.Linear)]

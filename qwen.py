@@ -275,8 +275,8 @@ def packed_linears(models, vocab_limit, max_new_tokens):
     """While generate runs: every linear's weight (the lm_head's first vocab_limit rows) reordered once into
     oneDNN's blocked layout, where that pays: on CPU in bf16, without autocast, for PACKING_PAYS_FROM new tokens
     or more, decode_step not compiled (inductor does not lower the packed op; it packs by itself under freezing).
-    F.linear reorders the weight on every call; the packed weight runs 1.4-1.8x its speed at decoding's few rows,
-    equal bit for bit (`python bench.py decode`). One more copy of the weights while it lasts."""
+    F.linear has oneDNN reorder the weight on every call; over the packed weights a Qwen2.5-0.5B decoding step
+    runs 1.3-1.5x faster, equal bit for bit (docs/benchmarks.md). One more copy of the weights while it lasts."""
     linears = [(m, l) for m in models if not m.compiled_decode for l in m.modules() if isinstance(l, Linear)
                and l.weight.device.type == "cpu" and l.weight.dtype == torch.bfloat16]
     if (max_new_tokens < PACKING_PAYS_FROM or torch.is_autocast_enabled("cpu")
@@ -427,9 +427,9 @@ class Qwen(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_token_id, sampling=Sampling(), vocab_limit=None, mix_in=None):
         """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
-        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph), then trim. Once half
-        the rows have stopped, the batch and its caches are cut to the rest (the same tokens, up to the rounding of
-        a smaller batch's matrix products).
+        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph; on CPU in bf16 over
+        weights packed once, packed_linears), then trim. Once half the rows have stopped, the batch and its
+        caches are cut to the rest (the same tokens, up to the rounding of a smaller batch's matrix products).
         prompts: list of token-id lists (any lengths, left-padded internally). Greedy by default, else
         as `sampling` says. Stops a row at any id in eos_token_id (an int or a list). Ids >= vocab_limit
         (Qwen's padded embedding rows, beyond the tokenizer) are never emitted. mix_in=(model, a): each

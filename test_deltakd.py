@@ -215,9 +215,9 @@ def test_generation_over_packed_bf16_weights_changes_no_token(tmp_path, monkeypa
         for p in [*student.parameters(), *teacher.parameters()]:
             p.mul_(10 if p.dim() == 2 else 1)
     prompts, new = [[5, 17, 42], [7], [100, 3, 9, 250, 11]], qwen.PACKING_PAYS_FROM
-    decode_step, packed = student.decode_step, []
+    decode_step, packed, down = student.decode_step, [], teacher.model.layers[1].mlp.down_proj
     student.decode_step = lambda *a: packed.append((student.lm_head.packed is not None,
-                                                     teacher.model.layers[1].mlp.down_proj.packed is not None)) or decode_step(*a)
+                                                     down.packed is not None)) or decode_step(*a)
     runs = [(qwen.Sampling(), None), (qwen.Sampling(temperature=1.0, seed=3), None),
             (qwen.Sampling(temperature=1.0, seed=4), (teacher, 0.5))]
     fast = [student.generate(prompts, new, [], s, 250, mix) for s, mix in runs]
