@@ -259,7 +259,7 @@ def project(h, head, vocab_limit):
     """Logits (B, vocab_limit) of generation's few rows h (B, C) through the lm_head. On CPU in fp32, MKL computes
     this tall, skinny product 1.5-4x faster as weight @ h.T with at least 2 columns than as F.linear (`python
     bench.py decode`); in bf16, F.linear is the faster, and the packed weight (packed_linears) faster still."""
-    if head.packed is not None:
+    if head.packed is not None:  # inside generate, already cut to the same vocab_limit
         return head(h)
     weight = head.weight[:vocab_limit]
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -267,7 +267,7 @@ def project(h, head, vocab_limit):
     return (weight @ F.pad(h, (0, 0, 0, len(h) == 1)).T)[:, :len(h)].T.contiguous()  # one row: padded to 2
 
 
-PACKING_PAYS_FROM = 32  # new tokens: the reorder costs about 6 decoding steps, and saves ~30% of each
+PACKING_PAYS_FROM = 32  # new tokens: the reorder costs 3.5-5.4 decoding steps, and saves 25-33% of each
 
 
 @contextlib.contextmanager
@@ -279,8 +279,8 @@ def packed_linears(models, vocab_limit, max_new_tokens):
     runs 1.3-1.5x faster, equal bit for bit (docs/benchmarks.md). One more copy of the weights while it lasts."""
     linears = [(m, l) for m in models if not m.compiled_decode for l in m.modules() if isinstance(l, Linear)
                and l.weight.device.type == "cpu" and l.weight.dtype == torch.bfloat16]
-    if (max_new_tokens < PACKING_PAYS_FROM or torch.is_autocast_enabled("cpu")
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if (not linears or max_new_tokens < PACKING_PAYS_FROM or torch.is_autocast_enabled("cpu")
+            or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         linears = []
     try:
         for m, l in linears:

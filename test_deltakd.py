@@ -204,7 +204,8 @@ def test_cutting_stopped_rows_from_the_batch_changes_no_token(tmp_path):
         assert batch_sizes.count(5) == ends[2] - 1 and batch_sizes.count(1) == ends[4] - ends[3]
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16")
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="no oneDNN bf16 here")
 def test_generation_over_packed_bf16_weights_changes_no_token(tmp_path, monkeypatch):
     # on CPU in bf16, generate runs every linear (the lm_head cut to vocab_limit) over a weight packed once for
     # oneDNN: greedy, sampled and teacher-mixed tokens must be F.linear's, and the packed weights must be used
