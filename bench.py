@@ -14,7 +14,8 @@ what a stored top-K target costs in accuracy.
 - generate: greedy, batch 1 and 8, 64-token prompts, 128 new tokens, 108M and Qwen2.5-0.5B, fp32 and bf16, vs HF
             generate eager and with a static cache + torch.compile; the bandwidth floor as a fraction reached.
 - decode:   a decoding step's lm_head (qwen.project vs F.linear), a bf16 0.5B step over packed weights vs F.linear,
-            the sampled token (qwen.draw vs torch.multinomial); generation where half the rows stop early vs none stopping and vs the long rows alone.
+            the sampled token (qwen.draw vs torch.multinomial); generation where half the rows stop early vs none
+            stopping and vs the long rows alone.
 - exits:    2-rank torchrun jobs (MiniLLM, on-policy, on-policy stopped by SIGTERM), --runs=N (30) times each:
             how many exit 0 with a checkpoint (a rare abort at exit once made finished runs fail).
 - loss:     chunked vs dense Delta-KD loss + backward from hidden states at vocab 151,936, hidden 1,536
