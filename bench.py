@@ -13,7 +13,7 @@ what a stored top-K target costs in accuracy.
 - forward:  Qwen forward vs transformers Qwen2ForCausalLM, same weights, fp32, same input.
 - generate: greedy, batch 1 and 8, 64-token prompts, 128 new tokens, 108M and Qwen2.5-0.5B, fp32 and bf16, vs HF
             generate eager and with a static cache + torch.compile; the bandwidth floor as a fraction reached.
-- decode:   a decoding step's lm_head (qwen.project vs F.linear), a bf16 0.5B step over packed weights vs F.linear,
+- decode:   a decoding step's lm_head (qwen.project vs F.linear), a 0.5B step over packed weights vs F.linear,
             the sampled token (qwen.draw vs torch.multinomial); generation where half the rows stop early vs none
             stopping and vs the long rows alone.
 - exits:    2-rank torchrun jobs (MiniLLM, on-policy, on-policy stopped by SIGTERM), --runs=N (30) times each:
@@ -225,9 +225,9 @@ def bench_generate(prompt=64, new=128, repeats=2):
 
 def bench_decode(repeats=7):
     """Parts of each decoding step against their plain torch forms, at Qwen's 151,665 real tokens: qwen.project
-    vs F.linear for the fp32 lm_head (hidden sizes of MINI, Qwen2.5-0.5B and 1.5B, random weights), a bf16
-    decode_step of the real Qwen2.5-0.5B config over its linears' packed weights (qwen.packed_linears) vs
-    F.linear, and qwen.draw vs torch.multinomial for the sampled token (softmax of random logits); and
+    vs F.linear for the fp32 lm_head (hidden sizes of MINI, Qwen2.5-0.5B and 1.5B, random weights), an fp32
+    and a bf16 decode_step of the real Qwen2.5-0.5B config over its linears' packed weights (qwen.packed_linears)
+    vs F.linear, and qwen.draw vs torch.multinomial for the sampled token (softmax of random logits); and
     qwen.generate of 8 rows, half of which stop early, vs the same rows none of which stop (what the work was before
     generate cut stopped rows away) and vs the 4 long rows alone (the least it can cost)."""
     rows, V, g = [], 151665, torch.Generator().manual_seed(0)
@@ -245,15 +245,18 @@ def bench_decode(repeats=7):
                             f"GB/s); {gap:.1e} from float64"))
     head = W = None
     model = qwen.Qwen(qwen.QwenConfig.from_dict(arch(os.path.join(QWEN_CONFIGS, "Qwen2.5-0.5B", "config.json"))))
-    qwen.init_weights(model)
-    model, L = model.to(torch.bfloat16).eval(), 128  # a step at the 129th slot of a 192-slot cache
+    model, L = qwen.init_weights(model).eval(), 128  # a step at the 129th slot of a 192-slot cache
     linears = [m for m in model.modules() if isinstance(m, qwen.Linear)]
+    for dtype, batch in [(d, b) for d in (torch.float32, torch.bfloat16) for b in (1, 8)]:
+        model.to(dtype)
+        if not qwen.packing_pays(model.lm_head):
+            print(f"decode: no packed {dtype_name(dtype)} linears on this CPU (oneDNN): row skipped", file=sys.stderr)
+            continue
 
-    def pack():  # what generate does once per call; returns the packed weights
-        with qwen.packed_linears([model], V, qwen.PACKING_PAYS_FROM):
-            return [m.packed for m in linears]
-    packed = pack()
-    for batch in (1, 8):
+        def pack():  # what generate does once per call; returns the packed weights
+            with qwen.packed_linears([model], V, batch, qwen.PACKING_PAYS_FROM):
+                return [m.packed for m in linears]
+        packed = pack()
         step = (torch.zeros(batch, 1, dtype=torch.long), torch.full((batch, 1), L),
                 torch.ones(batch, 1, 1, 192, dtype=torch.bool), model.empty_kv_cache(batch, 192), torch.tensor([L]), V)
 
@@ -262,15 +265,17 @@ def bench_decode(repeats=7):
                 m.packed = w
             return model.decode_step(*step)
         with torch.no_grad():
-            t = timeit({"packed": lambda: step_over(packed), "F.linear": lambda: step_over([None] * len(linears)),
-                        "packing": pack}, repeats)
-            same = torch.equal(step_over(packed), step_over([None] * len(linears)))
-        rows.append(Row("bf16 decoding step over packed weights", "the same step through `F.linear`",
+            # packing timed apart: interleaved with the steps, it slowed the packed one (fp32 batch 1: 0.64x, not 1.3x)
+            t = timeit({"packed": lambda: step_over(packed), "F.linear": lambda: step_over([None] * len(linears))},
+                       repeats)
+            t["packing"] = statistics.median(timed(pack)[0] for _ in range(3))
+            gap = (step_over(packed).double() - step_over([None] * len(linears)).double()).abs().max().item()
+        rows.append(Row("decoding step over packed weights", "the same step through `F.linear` (fp32: and `project`)",
                         f"`decode_step` of the Qwen2.5-0.5B config ({qwen.num_parameters(model) / 1e6:.0f}M, random "
-                        f"weights), bf16, batch {batch}, {L} cached positions; median of {repeats}",
+                        f"weights), {dtype_name(dtype)}, batch {batch}, {L} cached positions; median of {repeats}",
                         f"{t['packed'] * 1e3:.1f} vs {t['F.linear'] * 1e3:.1f} ms: **{t['F.linear'] / t['packed']:.2f}x"
                         f"** the speed ({decode_bytes(model, batch, L) / t['packed'] / 1e9:.0f} GB/s), logits "
-                        f"{'equal bit for bit' if same else 'NOT EQUAL'}; packing the weights once "
+                        f"{'equal bit for bit' if gap == 0 else f'{gap:.1e} apart'}; packing the weights once "
                         f"{t['packing'] * 1e3:.0f} ms"))
     model = packed = linears = None
     for batch in (1, 8):

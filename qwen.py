@@ -258,7 +258,7 @@ def position_ids_from_mask(attention_mask):
 def project(h, head, vocab_limit):
     """Logits (B, vocab_limit) of generation's few rows h (B, C) through the lm_head. On CPU in fp32, MKL computes
     this tall, skinny product 1.5-4x faster as weight @ h.T with at least 2 columns than as F.linear (`python
-    bench.py decode`); in bf16, F.linear is the faster, and the packed weight (packed_linears) faster still."""
+    bench.py decode`); in bf16, F.linear is the faster; the packed weight (packed_linears) is faster in both."""
     if head.packed is not None:  # inside generate, already cut to the same vocab_limit
         return head(h)
     weight = head.weight[:vocab_limit]
@@ -267,25 +267,31 @@ def project(h, head, vocab_limit):
     return (weight @ F.pad(h, (0, 0, 0, len(h) == 1)).T)[:, :len(h)].T.contiguous()  # one row: padded to 2
 
 
-PACKING_PAYS_FROM = 32  # new tokens: the reorder costs 3.5-5.4 decoding steps, and saves 25-33% of each
+PACKING_PAYS_FROM = 64  # new tokens: the reorder costs 3.5-10.5 decoding steps (fp32 the most), and saves 15-50% of each
+
+
+def packing_pays(linear):
+    # on CPU without autocast, in fp32, or in bf16 where oneDNN has bf16 kernels
+    w = linear.weight
+    if w.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.is_available():
+        return False
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextlib.contextmanager
-def packed_linears(models, vocab_limit, max_new_tokens):
-    """While generate runs: every linear's weight (the lm_head's first vocab_limit rows) reordered once into
-    oneDNN's blocked layout, where that pays: on CPU in bf16, without autocast, for PACKING_PAYS_FROM new tokens
-    or more, decode_step not compiled (inductor does not lower the packed op; it packs by itself under freezing).
-    F.linear has oneDNN reorder the weight on every call; over the packed weights a Qwen2.5-0.5B decoding step
-    runs 1.3-1.5x faster, equal bit for bit (docs/benchmarks.md). One more copy of the weights while it lasts."""
-    linears = [(m, l) for m in models if not m.compiled_decode for l in m.modules() if isinstance(l, Linear)
-               and l.weight.device.type == "cpu" and l.weight.dtype == torch.bfloat16]
-    if (not linears or max_new_tokens < PACKING_PAYS_FROM or torch.is_autocast_enabled("cpu")
-            or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        linears = []
+def packed_linears(models, vocab_limit, batch, max_new_tokens):
+    """While generate runs: every linear's weight (the lm_head's first vocab_limit rows) reordered once into oneDNN's
+    blocked layout for this batch, where that pays (packing_pays: on CPU, without autocast), for PACKING_PAYS_FROM new
+    tokens or more, decode_step not compiled (inductor does not lower the packed op; it packs by itself under
+    freezing). F.linear has oneDNN reorder a bf16 weight on every call, and MKL's fp32 kernels at a few rows are slow:
+    over the packed weights Qwen2.5-0.5B generates 1.4-1.8x faster (docs/benchmarks.md), equal bit for bit in bf16,
+    within fp32 rounding (1e-6) in fp32. One more copy of the weights while it lasts."""
+    linears = [(m, l) for m in models if not m.compiled_decode for l in m.modules() if isinstance(l, Linear)]
+    linears = [(m, l) for m, l in linears if max_new_tokens >= PACKING_PAYS_FROM and packing_pays(l)]
     try:
         for m, l in linears:
             weight = l.weight[:vocab_limit] if l is m.lm_head else l.weight
-            l.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            l.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
         yield
     finally:
         for _, l in linears:
@@ -451,7 +457,7 @@ class Qwen(nn.Module):
         pick = mixed_sampling(sampling) if mix_in else sampling  # how each next token is drawn
         V = vocab_limit or self.config.vocab_size
 
-        with packed_linears(models, V, max_new_tokens):
+        with packed_linears(models, V, B, max_new_tokens):
             # prefill: the prompts, causal within the prompt and blind to left padding (every query sees itself)
             pos_ids = position_ids_from_mask(key_mask[:, :P])
             logits = [project(m.hidden_states(ids, position_ids=pos_ids, mask=attention_mask_4d(key_mask, P), cache=c,

@@ -204,13 +204,15 @@ def test_cutting_stopped_rows_from_the_batch_changes_no_token(tmp_path):
         assert batch_sizes.count(5) == ends[2] - 1 and batch_sizes.count(1) == ends[4] - ends[3]
 
 
-@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                    reason="no oneDNN bf16 here")
-def test_generation_over_packed_bf16_weights_changes_no_token(tmp_path, monkeypatch):
-    # on CPU in bf16, generate runs every linear (the lm_head cut to vocab_limit) over a weight packed once for
-    # oneDNN: greedy, sampled and teacher-mixed tokens must be F.linear's, and the packed weights must be used
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generation_over_packed_weights_changes_no_token(tmp_path, monkeypatch, dtype):
+    # on CPU, generate runs every linear (the lm_head cut to vocab_limit) over a weight packed once for oneDNN:
+    # greedy, sampled and teacher-mixed tokens must be F.linear's, and the packed weights must be used
+    if not torch.backends.mkldnn.is_available() or (dtype == torch.bfloat16
+                                                    and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip(f"no oneDNN {dtype} here")
     student, teacher = (qwen.Qwen.from_pretrained(hf_model(tmp_path, name, tie, n_head, 2, seed=seed)[1],
-                                                  dtype=torch.bfloat16).eval()
+                                                  dtype=dtype).eval()
                         for name, tie, n_head, seed in (("s", True, 4, 0), ("t", False, 6, 1)))
     with torch.no_grad():  # weights 10x: tokens that depend on the context, near ties rare
         for p in [*student.parameters(), *teacher.parameters()]:
