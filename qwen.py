@@ -267,7 +267,7 @@ def project(h, head, vocab_limit):
     return (weight @ F.pad(h, (0, 0, 0, len(h) == 1)).T)[:, :len(h)].T.contiguous()  # one row: padded to 2
 
 
-PACKING_PAYS_FROM = 64  # new tokens: the reorder costs 3.5-10.5 decoding steps (fp32 the most), and saves 15-50% of each
+PACKING_PAYS_FROM = 64  # new tokens: the reorder costs 3.5-10.5 decoding steps (fp32 the most), saves 15-50% of each
 
 
 def packing_pays(linear):
@@ -433,7 +433,7 @@ class Qwen(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_token_id, sampling=Sampling(), vocab_limit=None, mix_in=None):
         """Batched generation with a static KV cache, as gpt-fast: prefill, then decode_step (fixed
-        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph; on CPU in bf16 over
+        shapes, so torch.compile(mode="reduce-overhead") can capture it in a CUDA graph; on CPU over
         weights packed once, packed_linears), then trim. Once half the rows have stopped, the batch and its
         caches are cut to the rest (the same tokens, up to the rounding of a smaller batch's matrix products).
         prompts: list of token-id lists (any lengths, left-padded internally). Greedy by default, else
