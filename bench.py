@@ -265,7 +265,7 @@ def bench_decode(repeats=7):
                 m.packed = w
             return model.decode_step(*step)
         with torch.no_grad():
-            # packing timed apart: interleaved with the steps, it slowed the packed one (fp32 batch 1: 0.64x, not 1.3x)
+            # packing timed apart: interleaved with the steps, it slowed the packed one (fp32 batch 1: 0.64x, not 1.18x)
             t = timeit({"packed": lambda: step_over(packed), "F.linear": lambda: step_over([None] * len(linears))},
                        repeats)
             t["packing"] = statistics.median(timed(pack)[0] for _ in range(3))

@@ -286,8 +286,8 @@ def packed_linears(models, vocab_limit, batch, max_new_tokens):
     freezing). F.linear has oneDNN reorder a bf16 weight on every call, and MKL's fp32 kernels at a few rows are slow:
     over the packed weights Qwen2.5-0.5B generates 1.4-1.8x faster (docs/benchmarks.md), equal bit for bit in bf16,
     within fp32 rounding (1e-6) in fp32. One more copy of the weights while it lasts."""
-    linears = [(m, l) for m in models if not m.compiled_decode for l in m.modules() if isinstance(l, Linear)]
-    linears = [(m, l) for m, l in linears if max_new_tokens >= PACKING_PAYS_FROM and packing_pays(l)]
+    linears = [(m, l) for m in models if not m.compiled_decode and max_new_tokens >= PACKING_PAYS_FROM
+               for l in m.modules() if isinstance(l, Linear) and packing_pays(l)]
     try:
         for m, l in linears:
             weight = l.weight[:vocab_limit] if l is m.lm_head else l.weight
